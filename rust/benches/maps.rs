@@ -1,0 +1,1017 @@
+//! Concurrent state-map comparison: which map should hold `execution id -> current state`?
+//!
+//! Run with `cargo bench --bench maps`. A std-only harness (no criterion): every cell runs
+//! a fixed wall-clock duration on 1, 2 and 4 threads and prints ns/op and Mops/s.
+//!
+//! What is measured, per map:
+//! - `insert`: insert-if-absent of a new id with a fresh `Arc<State>` (version 1);
+//! - `get`: look the id up and clone its `Arc<State>` and version;
+//! - `cas`: the read-modify-write the Python API drives (`apply`, `prepare`+`publish`):
+//!   `get`, build the next state (a fresh `Arc<State>`), then compare-and-swap it in only if
+//!   the version is still the one read. The swap is atomic with a side effect (the stand-in
+//!   for "append to the event log" is a counter bumped inside the same critical section),
+//!   so it runs under a lock: the slot's own `parking_lot::Mutex` (variants without a
+//!   suffix: the map is only used to find the `Arc<Slot>`) or the map's own write lock on
+//!   the entry/shard/bucket (`-e` variants). `papaya-c` does the swap with papaya's
+//!   lock-free `compute`, which has no critical section to put the side effect in (its
+//!   closure may run several times, and an append after it can land out of version
+//!   order): it is shown for reference and is not eligible.
+//!
+//! Every map uses std's `RandomState` (SipHash-1-3), the default of each crate and the one
+//! to keep for ids that come from users; the hand-rolled sharded map hashes once, like
+//! dashmap, and picks the shard from bits below hashbrown's 7-bit tag.
+//!
+//! Tune the run time with `MEASURE_MS` / `WARMUP_MS` below, or at run time with the
+//! environment variables `MAPS_BENCH_MEASURE_MS` / `MAPS_BENCH_WARMUP_MS`.
+
+use std::borrow::Borrow;
+use std::collections::hash_map::{Entry, RandomState};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// Measured wall-clock time of one repeat of a cell (one map, workload, key count and
+/// thread count).
+const MEASURE_MS: u64 = 90;
+/// Repeats of each cell; the table shows the best (other processes on the machine only
+/// ever make a repeat slower).
+const REPEATS: usize = 3;
+/// Untimed run of the same workload before a get/CAS cell is measured.
+const WARMUP_MS: u64 = 40;
+/// Key counts of the pre-filled map.
+const KEY_COUNTS: [usize; 2] = [10_000, 1_000_000];
+/// Thread counts (the table says how many cores the machine has).
+const THREADS: [usize; 3] = [1, 2, 4];
+/// Fresh ids for the insert-heavy workload: an equal share for each repeat of its cells,
+/// split among the threads; a repeat that runs out stops early (its figures use the time
+/// it actually ran).
+const NEW_KEYS: usize = 1_500_000;
+/// Operations between two looks at the clock.
+const BATCH: usize = 256;
+/// Shards of the hand-rolled sharded map.
+const SHARDS: usize = 64;
+
+// ---------------------------------------------------------------------------------------
+// The state and the slot
+// ---------------------------------------------------------------------------------------
+
+/// A stand-in for one version of an execution's state: ~170 bytes behind an `Arc`.
+#[derive(Clone)]
+struct State {
+    version: u64,
+    payload: [u64; 20],
+}
+
+impl State {
+    fn first(seed: u64) -> Self {
+        State {
+            version: 1,
+            payload: [seed; 20],
+        }
+    }
+
+    /// The state an update computes from this one.
+    fn next(&self) -> Self {
+        let mut payload = self.payload;
+        payload[(self.version % 20) as usize] = payload[0].wrapping_add(self.version);
+        State {
+            version: self.version + 1,
+            payload,
+        }
+    }
+}
+
+/// What a slot holds: the current state, its version and the event-log stand-in.
+struct Cell {
+    state: Arc<State>,
+    version: u64,
+    events: u64,
+}
+
+impl Cell {
+    fn new(state: Arc<State>) -> Self {
+        Cell {
+            version: state.version,
+            state,
+            events: 1,
+        }
+    }
+
+    fn read(&self) -> (Arc<State>, u64) {
+        (Arc::clone(&self.state), self.version)
+    }
+
+    /// The compare-and-swap proper, run inside whatever lock guards this cell. On success
+    /// it returns the replaced state so the caller can drop it after unlocking.
+    fn swap(&mut self, expected: u64, new: Arc<State>) -> Result<Arc<State>, u64> {
+        if self.version != expected {
+            return Err(self.version);
+        }
+        self.version += 1;
+        // The side effect that must be atomic with the swap (appending to the event log).
+        self.events = black_box(self.events + 1);
+        Ok(std::mem::replace(&mut self.state, new))
+    }
+}
+
+/// A slot with its own lock: the map is only used to find it.
+type Slot = parking_lot::Mutex<Cell>;
+
+fn new_slot(state: Arc<State>) -> Arc<Slot> {
+    Arc::new(parking_lot::Mutex::new(Cell::new(state)))
+}
+
+fn slot_read(slot: &Slot) -> (Arc<State>, u64) {
+    slot.lock().read()
+}
+
+fn slot_swap(slot: &Slot, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+    let old = slot.lock().swap(expected, new)?;
+    drop(old);
+    Ok(expected + 1)
+}
+
+/// `Err(MISSING)` from `cas` when the id is absent (versions start at 1).
+const MISSING: u64 = 0;
+
+/// The operations the core needs. Keys come as `&Arc<str>` because papaya's `compute` and
+/// every insert need an owned key; the others look up by `&str`.
+trait StateMap: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn create() -> Self;
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool;
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)>;
+    /// Ok(new version) or Err(current version, `MISSING` if absent).
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64>;
+}
+
+// ---------------------------------------------------------------------------------------
+// (a) dashmap
+// ---------------------------------------------------------------------------------------
+
+struct Dash(dashmap::DashMap<Arc<str>, Arc<Slot>>);
+
+impl StateMap for Dash {
+    const NAME: &'static str = "dash";
+    fn create() -> Self {
+        Dash(dashmap::DashMap::new())
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        match self.0.entry(Arc::clone(key)) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(new_slot(state));
+                true
+            }
+        }
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        self.0.get(&**key).map(|slot| slot_read(&slot))
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        match self.0.get(&**key) {
+            Some(slot) => slot_swap(&slot, expected, new),
+            None => Err(MISSING),
+        }
+    }
+}
+
+struct DashEntry(dashmap::DashMap<Arc<str>, Cell>);
+
+impl StateMap for DashEntry {
+    const NAME: &'static str = "dash-e";
+    fn create() -> Self {
+        DashEntry(dashmap::DashMap::new())
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        match self.0.entry(Arc::clone(key)) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Cell::new(state));
+                true
+            }
+        }
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        self.0.get(&**key).map(|cell| cell.read())
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        let old = match self.0.get_mut(&**key) {
+            Some(mut cell) => cell.swap(expected, new)?,
+            None => return Err(MISSING),
+        };
+        drop(old);
+        Ok(expected + 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (b) scc
+// ---------------------------------------------------------------------------------------
+
+struct Scc(scc::HashMap<Arc<str>, Arc<Slot>>);
+
+impl StateMap for Scc {
+    const NAME: &'static str = "scc";
+    fn create() -> Self {
+        Scc(scc::HashMap::new())
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        self.0.insert_sync(Arc::clone(key), new_slot(state)).is_ok()
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        self.0.read_sync(&**key, |_, slot| slot_read(slot))
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        self.0
+            .read_sync(&**key, |_, slot| slot_swap(slot, expected, new))
+            .unwrap_or(Err(MISSING))
+    }
+}
+
+struct SccEntry(scc::HashMap<Arc<str>, Cell>);
+
+impl StateMap for SccEntry {
+    const NAME: &'static str = "scc-e";
+    fn create() -> Self {
+        SccEntry(scc::HashMap::new())
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        self.0
+            .insert_sync(Arc::clone(key), Cell::new(state))
+            .is_ok()
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        self.0.read_sync(&**key, |_, cell| cell.read())
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        let old = self
+            .0
+            .update_sync(&**key, |_, cell| cell.swap(expected, new))
+            .unwrap_or(Err(MISSING))?;
+        drop(old);
+        Ok(expected + 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (c) papaya
+// ---------------------------------------------------------------------------------------
+
+struct Papaya(papaya::HashMap<Arc<str>, Arc<Slot>>);
+
+impl StateMap for Papaya {
+    const NAME: &'static str = "papaya";
+    fn create() -> Self {
+        Papaya(papaya::HashMap::new())
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        self.0
+            .pin()
+            .try_insert(Arc::clone(key), new_slot(state))
+            .is_ok()
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        self.0.pin().get(&**key).map(|slot| slot_read(slot))
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        match self.0.pin().get(&**key) {
+            Some(slot) => slot_swap(slot, expected, new),
+            None => Err(MISSING),
+        }
+    }
+}
+
+/// Values are immutable here: a swap installs a new `(state, version)` pair.
+struct PapayaCompute(papaya::HashMap<Arc<str>, (Arc<State>, u64)>);
+
+impl StateMap for PapayaCompute {
+    const NAME: &'static str = "papaya-c";
+    fn create() -> Self {
+        PapayaCompute(papaya::HashMap::new())
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        let version = state.version;
+        self.0
+            .pin()
+            .try_insert(Arc::clone(key), (state, version))
+            .is_ok()
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        self.0
+            .pin()
+            .get(&**key)
+            .map(|(state, version)| (Arc::clone(state), *version))
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        let map = self.0.pin();
+        let outcome = map.compute(Arc::clone(key), |entry| match entry {
+            Some((_, (_, version))) if *version == expected => {
+                papaya::Operation::Insert((Arc::clone(&new), expected + 1))
+            }
+            Some((_, (_, version))) => papaya::Operation::Abort(*version),
+            None => papaya::Operation::Abort(MISSING),
+        });
+        match outcome {
+            papaya::Compute::Updated { .. } => Ok(expected + 1),
+            papaya::Compute::Aborted(current) => Err(current),
+            papaya::Compute::Inserted(..) | papaya::Compute::Removed(..) => unreachable!(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (d) hand-rolled sharded map: 64 x parking_lot::RwLock<std HashMap>, hashing once
+// ---------------------------------------------------------------------------------------
+
+/// A key with its hash computed once (by `RandomState`), so the shard's table reuses it.
+struct HashedKey {
+    hash: u64,
+    key: Arc<str>,
+}
+
+/// What a lookup borrows a `HashedKey` as, so `&str` lookups need no `Arc`.
+trait KeyView {
+    fn hash_value(&self) -> u64;
+    fn text(&self) -> &str;
+}
+
+impl KeyView for HashedKey {
+    fn hash_value(&self) -> u64 {
+        self.hash
+    }
+    fn text(&self) -> &str {
+        &self.key
+    }
+}
+
+struct Probe<'a> {
+    hash: u64,
+    key: &'a str,
+}
+
+impl KeyView for Probe<'_> {
+    fn hash_value(&self) -> u64 {
+        self.hash
+    }
+    fn text(&self) -> &str {
+        self.key
+    }
+}
+
+impl<'a> Borrow<dyn KeyView + 'a> for HashedKey {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
+impl Hash for dyn KeyView + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash_value());
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash_value() == other.hash_value() && self.text() == other.text()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+impl Hash for HashedKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialEq for HashedKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.key == other.key
+    }
+}
+
+impl Eq for HashedKey {}
+
+/// Passes the precomputed hash through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Keeps each shard's lock on its own cache lines.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+type ShardTable<V> = parking_lot::RwLock<HashMap<HashedKey, V, BuildHasherDefault<PassThrough>>>;
+type Shard<V> = Padded<ShardTable<V>>;
+
+struct Sharded<V> {
+    hasher: RandomState,
+    shards: Box<[Shard<V>]>,
+}
+
+impl<V> Sharded<V> {
+    fn new() -> Self {
+        Sharded {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Padded(parking_lot::RwLock::new(HashMap::default())))
+                .collect(),
+        }
+    }
+
+    /// The hash and the shard of a key: like dashmap, skip the top 7 bits, which hashbrown
+    /// uses as the tag inside a table.
+    fn locate(&self, key: &str) -> (u64, &ShardTable<V>) {
+        let hash = self.hasher.hash_one(key);
+        let index = ((hash << 7) >> (64 - SHARDS.trailing_zeros())) as usize;
+        (hash, &self.shards[index].0)
+    }
+
+    fn insert_with(&self, key: &Arc<str>, value: impl FnOnce() -> V) -> bool {
+        let (hash, shard) = self.locate(key);
+        match shard.write().entry(HashedKey {
+            hash,
+            key: Arc::clone(key),
+        }) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(v) => {
+                v.insert(value());
+                true
+            }
+        }
+    }
+}
+
+fn probe(hash: u64, key: &str) -> Probe<'_> {
+    Probe { hash, key }
+}
+
+struct ShardedSlots(Sharded<Arc<Slot>>);
+
+impl StateMap for ShardedSlots {
+    const NAME: &'static str = "shard64";
+    fn create() -> Self {
+        ShardedSlots(Sharded::new())
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        self.0.insert_with(key, || new_slot(state))
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        let (hash, shard) = self.0.locate(key);
+        let guard = shard.read();
+        guard
+            .get(&probe(hash, key) as &dyn KeyView)
+            .map(|slot| slot_read(slot))
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        let (hash, shard) = self.0.locate(key);
+        let guard = shard.read();
+        match guard.get(&probe(hash, key) as &dyn KeyView) {
+            Some(slot) => slot_swap(slot, expected, new),
+            None => Err(MISSING),
+        }
+    }
+}
+
+struct ShardedEntry(Sharded<Cell>);
+
+impl StateMap for ShardedEntry {
+    const NAME: &'static str = "shard64-e";
+    fn create() -> Self {
+        ShardedEntry(Sharded::new())
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        self.0.insert_with(key, || Cell::new(state))
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        let (hash, shard) = self.0.locate(key);
+        let guard = shard.read();
+        guard.get(&probe(hash, key) as &dyn KeyView).map(Cell::read)
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        let (hash, shard) = self.0.locate(key);
+        let mut guard = shard.write();
+        let old = match guard.get_mut(&probe(hash, key) as &dyn KeyView) {
+            Some(cell) => cell.swap(expected, new)?,
+            None => return Err(MISSING),
+        };
+        drop(guard);
+        drop(old);
+        Ok(expected + 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (e) the naive baseline: one std::sync::RwLock<HashMap>
+// ---------------------------------------------------------------------------------------
+
+struct StdRw(std::sync::RwLock<HashMap<Arc<str>, Arc<Slot>>>);
+
+impl StateMap for StdRw {
+    const NAME: &'static str = "std-rw";
+    fn create() -> Self {
+        StdRw(std::sync::RwLock::new(HashMap::new()))
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        match self.0.write().unwrap().entry(Arc::clone(key)) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(v) => {
+                v.insert(new_slot(state));
+                true
+            }
+        }
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        self.0
+            .read()
+            .unwrap()
+            .get(&**key)
+            .map(|slot| slot_read(slot))
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        match self.0.read().unwrap().get(&**key) {
+            Some(slot) => slot_swap(slot, expected, new),
+            None => Err(MISSING),
+        }
+    }
+}
+
+struct StdRwEntry(std::sync::RwLock<HashMap<Arc<str>, Cell>>);
+
+impl StateMap for StdRwEntry {
+    const NAME: &'static str = "std-rw-e";
+    fn create() -> Self {
+        StdRwEntry(std::sync::RwLock::new(HashMap::new()))
+    }
+    fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
+        match self.0.write().unwrap().entry(Arc::clone(key)) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(v) => {
+                v.insert(Cell::new(state));
+                true
+            }
+        }
+    }
+    fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
+        self.0.read().unwrap().get(&**key).map(Cell::read)
+    }
+    fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
+        let mut guard = self.0.write().unwrap();
+        let old = match guard.get_mut(&**key) {
+            Some(cell) => cell.swap(expected, new)?,
+            None => return Err(MISSING),
+        };
+        drop(guard);
+        drop(old);
+        Ok(expected + 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Workloads and the harness
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct Workload {
+    label: &'static str,
+    insert_pct: u64,
+    get_pct: u64,
+    // The rest is CAS.
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload {
+        label: "get90/cas10",
+        insert_pct: 0,
+        get_pct: 90,
+    },
+    Workload {
+        label: "get50/cas50",
+        insert_pct: 0,
+        get_pct: 50,
+    },
+    Workload {
+        label: "ins50/get40/cas10",
+        insert_pct: 50,
+        get_pct: 40,
+    },
+];
+
+/// xorshift64*, seeded through splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(splitmix(seed) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A UUIDv7-shaped id: a time-ordered 48-bit prefix (unique per `n`), then random bits,
+/// like the ids `create_execution(None, ...)` generates.
+fn make_id(n: u64, salt: u64) -> Arc<str> {
+    let r = splitmix(n ^ salt.rotate_left(32));
+    let ms = 0x0190_0000_0000u64 + n;
+    Arc::from(format!(
+        "{:08x}-{:04x}-7{:03x}-{:04x}-{:012x}",
+        ms >> 16,
+        ms & 0xffff,
+        r & 0xfff,
+        0x8000 | ((r >> 12) & 0x3fff),
+        (r >> 16) & 0xffff_ffff_ffff
+    ))
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    ops: u64,
+    cas_ok: u64,
+}
+
+fn worker<M: StateMap>(
+    map: &M,
+    keys: &[Arc<str>],
+    new_keys: &[Arc<str>],
+    workload: Workload,
+    seed: u64,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Counts {
+    let mut rng = Rng::new(seed);
+    let n = keys.len() as u64;
+    let mut fresh = new_keys.iter();
+    let mut counts = Counts::default();
+    'run: loop {
+        for _ in 0..BATCH {
+            let r = rng.next();
+            let pct = r % 100;
+            let key = &keys[(((r >> 32) * n) >> 32) as usize];
+            if pct < workload.insert_pct {
+                let Some(id) = fresh.next() else {
+                    stop.store(true, Ordering::Relaxed);
+                    break 'run;
+                };
+                let created = map.insert(id, Arc::new(State::first(r)));
+                assert!(created, "{}: fresh id already present", M::NAME);
+            } else if pct < workload.insert_pct + workload.get_pct {
+                let (state, version) = map.get(key).expect("pre-filled id missing");
+                black_box((&state, version));
+            } else {
+                let (state, version) = map.get(key).expect("pre-filled id missing");
+                let next = Arc::new(state.next());
+                drop(state);
+                if map.cas(key, version, next).is_ok() {
+                    counts.cas_ok += 1;
+                }
+            }
+            counts.ops += 1;
+        }
+        if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+            break;
+        }
+    }
+    counts
+}
+
+/// Runs one cell; returns (per-thread ns/op, total Mops/s, successful CAS).
+fn run_cell<M: StateMap>(
+    map: &M,
+    keys: &[Arc<str>],
+    new_keys: &[Arc<str>],
+    workload: Workload,
+    threads: usize,
+    duration: Duration,
+    seed: u64,
+) -> (f64, f64, u64) {
+    let barrier = Barrier::new(threads + 1);
+    let stop = AtomicBool::new(false);
+    let chunk = new_keys.len() / threads;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (barrier, stop) = (&barrier, &stop);
+                let mine = &new_keys[t * chunk..(t + 1) * chunk];
+                scope.spawn(move || {
+                    barrier.wait();
+                    let deadline = Instant::now() + duration;
+                    worker(map, keys, mine, workload, seed ^ t as u64, deadline, stop)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let mut total = Counts::default();
+        for handle in handles {
+            let c = handle.join().expect("worker panicked");
+            total.ops += c.ops;
+            total.cas_ok += c.cas_ok;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let ops = total.ops as f64;
+        (
+            secs * 1e9 * threads as f64 / ops,
+            ops / secs / 1e6,
+            total.cas_ok,
+        )
+    })
+}
+
+fn prefill<M: StateMap>(keys: &[Arc<str>]) -> M {
+    let map = M::create();
+    for (i, key) in keys.iter().enumerate() {
+        assert!(map.insert(key, Arc::new(State::first(i as u64))));
+    }
+    map
+}
+
+/// The semantics every variant must have, checked before it is timed.
+fn self_test<M: StateMap>() {
+    let map = M::create();
+    let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+    assert!(map.insert(&a, Arc::new(State::first(7))));
+    assert!(!map.insert(&a, Arc::new(State::first(8))), "{}", M::NAME);
+    let (state, version) = map.get(&a).unwrap();
+    assert_eq!((state.payload[0], version), (7, 1), "{}", M::NAME);
+    assert_eq!(
+        map.cas(&a, 2, Arc::new(state.next())),
+        Err(1),
+        "{}",
+        M::NAME
+    );
+    assert_eq!(map.cas(&a, 1, Arc::new(state.next())), Ok(2), "{}", M::NAME);
+    assert_eq!(
+        map.cas(&a, 1, Arc::new(state.next())),
+        Err(2),
+        "{}",
+        M::NAME
+    );
+    assert_eq!(map.get(&a).unwrap().1, 2, "{}", M::NAME);
+    assert!(map.get(&b).is_none(), "{}", M::NAME);
+    assert_eq!(map.cas(&b, 1, state), Err(MISSING), "{}", M::NAME);
+}
+
+/// One (ns/op, Mops/s) figure per row of the table.
+type Figures = Vec<(f64, f64)>;
+
+fn env_ms(name: &str, default: u64) -> Duration {
+    let ms = std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    Duration::from_millis(ms)
+}
+
+/// Runs every workload and thread count for one map at one key count; one figure per row,
+/// in the order of `WORKLOADS` x `THREADS`.
+fn bench_map<M: StateMap>(keys: &[Arc<str>], new_keys: &[Arc<str>]) -> Figures {
+    self_test::<M>();
+    let measure = env_ms("MAPS_BENCH_MEASURE_MS", MEASURE_MS);
+    let warmup = env_ms("MAPS_BENCH_WARMUP_MS", WARMUP_MS);
+    let mut figures = Figures::new();
+    // One pre-filled map serves every cell, so a 1M-key map is built once. The get/CAS
+    // workloads come first; the insert-heavy cells then run in the order of `THREADS` on
+    // that same map, which grows, each repeat with its own share of `new_keys`.
+    let map = prefill::<M>(keys);
+    let mut cas_ok = 0;
+    let share = new_keys.len() / (THREADS.len() * REPEATS);
+    for (w, workload) in WORKLOADS.into_iter().enumerate() {
+        for (t, threads) in THREADS.into_iter().enumerate() {
+            let seed = ((w * THREADS.len() + t) * (REPEATS + 1)) as u64;
+            if workload.insert_pct == 0 {
+                cas_ok += run_cell(&map, keys, &[], workload, threads, warmup, seed).2;
+            }
+            let mut best = (f64::INFINITY, 0.0);
+            for r in 0..REPEATS {
+                let fresh = if workload.insert_pct == 0 {
+                    &[][..]
+                } else {
+                    let start = (t * REPEATS + r) * share;
+                    &new_keys[start..start + share]
+                };
+                let seed = seed + 1 + r as u64;
+                let (ns, mops, ok) = run_cell(&map, keys, fresh, workload, threads, measure, seed);
+                cas_ok += ok;
+                if mops > best.1 {
+                    best = (ns, mops);
+                }
+            }
+            figures.push(best);
+        }
+    }
+    // Every successful CAS must have added exactly one version.
+    check_versions(&map, keys, cas_ok);
+    figures
+}
+
+fn check_versions<M: StateMap>(map: &M, keys: &[Arc<str>], cas_ok: u64) {
+    let sum: u64 = keys.iter().map(|k| map.get(k).expect("id missing").1).sum();
+    assert_eq!(
+        sum,
+        keys.len() as u64 + cas_ok,
+        "{}: lost or extra versions",
+        M::NAME
+    );
+}
+
+type BenchFn = fn(&[Arc<str>], &[Arc<str>]) -> Figures;
+
+/// The columns of the table; `papaya-c` is shown but not eligible (see the top of the file).
+const MAPS: [(&str, BenchFn); 10] = [
+    (Dash::NAME, bench_map::<Dash>),
+    (DashEntry::NAME, bench_map::<DashEntry>),
+    (Scc::NAME, bench_map::<Scc>),
+    (SccEntry::NAME, bench_map::<SccEntry>),
+    (Papaya::NAME, bench_map::<Papaya>),
+    (PapayaCompute::NAME, bench_map::<PapayaCompute>),
+    (ShardedSlots::NAME, bench_map::<ShardedSlots>),
+    (ShardedEntry::NAME, bench_map::<ShardedEntry>),
+    (StdRw::NAME, bench_map::<StdRw>),
+    (StdRwEntry::NAME, bench_map::<StdRwEntry>),
+];
+
+const LABEL_WIDTH: usize = 30;
+const CELL_WIDTH: usize = 10;
+
+fn row_label(keys: usize, workload: &Workload, threads: usize) -> String {
+    let keys = if keys >= 1_000_000 {
+        format!("{}M", keys / 1_000_000)
+    } else {
+        format!("{}k", keys / 1_000)
+    };
+    format!("{keys:>4} {:<18} {threads}t", workload.label)
+}
+
+/// One table: a row per (keys, workload, threads), a column per map, the best cell starred.
+fn print_table(
+    title: &str,
+    rows: &[(String, Vec<(f64, f64)>)],
+    pick: fn(&(f64, f64)) -> f64,
+    lower_is_better: bool,
+) {
+    let mut out = String::new();
+    let _ = writeln!(out, "\n{title}");
+    let _ = write!(out, "{:<LABEL_WIDTH$}", "keys workload           thr");
+    for (name, _) in MAPS {
+        let _ = write!(out, "{name:>CELL_WIDTH$}");
+    }
+    out.push('\n');
+    for (label, cells) in rows {
+        let values: Vec<f64> = cells.iter().map(pick).collect();
+        let best = values.iter().copied().fold(
+            if lower_is_better { f64::INFINITY } else { 0.0 },
+            |a, b| {
+                if lower_is_better {
+                    a.min(b)
+                } else {
+                    a.max(b)
+                }
+            },
+        );
+        let _ = write!(out, "{label:<LABEL_WIDTH$}");
+        for v in values {
+            let mark = if v == best { '*' } else { ' ' };
+            let text = if v >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            };
+            let _ = write!(out, "{:>width$}{mark}", text, width = CELL_WIDTH - 1);
+        }
+        out.push('\n');
+    }
+    print!("{out}");
+}
+
+type RowFilter = fn(&str) -> bool;
+
+/// Geometric mean, per map, of its ns/op over the row's best, on the rows `keep` selects.
+fn print_summary(rows: &[(String, Vec<(f64, f64)>)]) {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nSlowdown vs. the row's fastest, geometric mean of ns/op ratios (1.00 = always fastest)"
+    );
+    let _ = write!(out, "{:<LABEL_WIDTH$}", "rows");
+    for (name, _) in MAPS {
+        let _ = write!(out, "{name:>CELL_WIDTH$}");
+    }
+    out.push('\n');
+    let selections: [(&str, RowFilter); 3] = [
+        ("1 thread", |l| l.ends_with(" 1t")),
+        ("1 thread, get/CAS only", |l| {
+            l.ends_with(" 1t") && !l.contains("ins")
+        }),
+        ("all", |_| true),
+    ];
+    for (name, keep) in selections {
+        let _ = write!(out, "{name:<LABEL_WIDTH$}");
+        for m in 0..MAPS.len() {
+            let mut log_sum = 0.0;
+            let mut count = 0.0;
+            for (_, cells) in rows.iter().filter(|(l, _)| keep(l)) {
+                let best = cells.iter().map(|c| c.0).fold(f64::INFINITY, f64::min);
+                log_sum += (cells[m].0 / best).ln();
+                count += 1.0;
+            }
+            let _ = write!(out, "{:>CELL_WIDTH$.2}", (log_sum / count).exp());
+        }
+        out.push('\n');
+    }
+    print!("{out}");
+}
+
+/// The 1, 5 and 15-minute load averages, where the OS tells them (Linux).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".to_owned(),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
+}
+
+fn main() {
+    let started = Instant::now();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let measure = env_ms("MAPS_BENCH_MEASURE_MS", MEASURE_MS);
+    let warmup = env_ms("MAPS_BENCH_WARMUP_MS", WARMUP_MS);
+    println!(
+        "wfstate state-map comparison: {cores} cores available (threads > cores are \
+         oversubscribed); best of {REPEATS} x {} ms per cell, after {} ms warm-up for get/CAS",
+        measure.as_millis(),
+        warmup.as_millis()
+    );
+    println!(
+        "load average before the run: {} (more than a few tenths: other work is sharing \
+         the cores, and the figures are noisy)",
+        load_average()
+    );
+    println!(
+        "ns/op = mean latency of one op on one thread (threads x wall / ops); \
+         Mops/s = all threads together; * = fastest in the row"
+    );
+    println!(
+        "cas = get + build the next Arc<State> + compare-and-swap on the version read; \
+         -e = CAS under the map's own entry lock; papaya-c = lock-free compute (not eligible)"
+    );
+    let mut rows: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for (k, &count) in KEY_COUNTS.iter().enumerate() {
+        let salt = k as u64 + 1;
+        let keys: Vec<Arc<str>> = (0..count as u64).map(|i| make_id(i, salt)).collect();
+        let new_keys: Vec<Arc<str>> = (0..NEW_KEYS as u64)
+            .map(|i| make_id(count as u64 + i, salt))
+            .collect();
+        let first = rows.len();
+        for workload in &WORKLOADS {
+            for threads in THREADS {
+                rows.push((row_label(count, workload, threads), Vec::new()));
+            }
+        }
+        for (name, bench) in MAPS {
+            eprintln!(
+                "[{:>5.1}s] {count} keys: {name}",
+                started.elapsed().as_secs_f64()
+            );
+            for (row, figure) in rows[first..].iter_mut().zip(bench(&keys, &new_keys)) {
+                row.1.push(figure);
+            }
+        }
+    }
+    print_table("ns/op (lower is better)", &rows, |c| c.0, true);
+    print_table("Mops/s (higher is better)", &rows, |c| c.1, false);
+    print_summary(&rows);
+    println!("\ntotal run time {:.1} s", started.elapsed().as_secs_f64());
+}

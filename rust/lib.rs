@@ -1,0 +1,24 @@
+//! `wfstate._core`: the Rust core of wfstate.
+//!
+//! This file holds only the module definition; each concept has its own file:
+//! `model` (state, updates, transitions: pure Rust), `ring` (the event ring),
+//! `engine` (the state map and the two-phase write), `convert` (Python <-> Rust
+//! values, with validation), `py` (the Python classes) and `errors`.
+
+pub mod convert;
+pub mod engine;
+pub mod errors;
+pub mod model;
+pub mod py;
+pub mod ring;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = false)]
+mod _core {
+    #[pymodule_export]
+    use crate::py::{
+        bind_types, decode_data, PyCore, PyEventCursor, PyNodeState, PyPreparedUpdate,
+        PyStateEvent, PyWorkflowState,
+    };
+}

@@ -1,0 +1,846 @@
+//! The Python classes of `wfstate._core`: thin glue over `Engine` and `Ring`.
+//!
+//! States and events are handed out as frozen wrappers around shared `Arc`s: cheap
+//! to create, impossible to change from Python. Their dict-valued attributes are
+//! built fresh at each access, so a caller's edits never reach the store. The GIL
+//! is released only around bulk work (history and list scans, waits for the ring),
+//! never around an O(1) call.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyString, PyType};
+
+use crate::convert::{
+    self, datetime_from_micros, event_kind, id_str, json_entries, json_to_py, opt_count,
+    opt_datetime, opt_id, parse_update, types, BoundTypes, TYPES,
+};
+use crate::engine::{decode_value, now_micros, Engine, Prepared};
+use crate::errors::CoreError;
+use crate::model::{self, EventKind, ExecStatus, NodeStatus, State};
+use crate::ring::{Event, HistoryFilter, Ring};
+
+/// Python's repr of an optional string, for `__repr__`.
+fn repr_opt(py: Python<'_>, text: Option<&str>) -> String {
+    match text {
+        Some(text) => PyString::new(py, text)
+            .repr()
+            .map_or_else(|_| format!("{text:?}"), |r| r.to_string()),
+        None => "None".into(),
+    }
+}
+
+fn member<'py>(py: Python<'py>, members: &[Py<PyAny>], index: usize) -> Bound<'py, PyAny> {
+    members[index].bind(py).clone()
+}
+
+fn opt_text<'py>(py: Python<'py>, text: &Option<Arc<str>>) -> Bound<'py, PyAny> {
+    match text {
+        Some(text) => PyString::new(py, text).into_any(),
+        None => py.None().into_bound(py),
+    }
+}
+
+fn iso(py: Python<'_>, micros: Option<i64>) -> PyResult<Py<PyAny>> {
+    match micros {
+        Some(micros) => Ok(datetime_from_micros(py, micros)?
+            .call_method0("isoformat")?
+            .unbind()),
+        None => Ok(py.None()),
+    }
+}
+
+fn json_map_to_py<'py>(py: Python<'py>, map: &model::JsonMap) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for (key, value) in map.iter() {
+        dict.set_item(&**key, json_to_py(py, value)?)?;
+    }
+    Ok(dict)
+}
+
+// -- NodeState -----------------------------------------------------------------------
+
+/// The state of one node of an execution. Immutable.
+#[pyclass(frozen, module = "wfstate._core", name = "NodeState")]
+pub struct PyNodeState {
+    node: model::NodeState,
+}
+
+#[pymethods]
+impl PyNodeState {
+    #[getter]
+    fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(member(
+            py,
+            &types(py)?.node_status,
+            self.node.status.index(),
+        ))
+    }
+
+    #[getter]
+    fn attempts(&self) -> u32 {
+        self.node.attempts
+    }
+
+    #[getter]
+    fn started_at<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        opt_datetime(py, self.node.started_at)
+    }
+
+    #[getter]
+    fn finished_at<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        opt_datetime(py, self.node.finished_at)
+    }
+
+    /// The failure record of the latest attempt while the node is failed (a copy).
+    #[getter]
+    fn error<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match &self.node.error {
+            Some(error) => json_to_py(py, error),
+            None => Ok(py.None().into_bound(py)),
+        }
+    }
+
+    /// A JSON-ready dict: status as its value, times as ISO-8601 strings.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("status", self.node.status.as_str())?;
+        dict.set_item("attempts", self.node.attempts)?;
+        dict.set_item("started_at", iso(py, self.node.started_at)?)?;
+        dict.set_item("finished_at", iso(py, self.node.finished_at)?)?;
+        dict.set_item("error", self.error(py)?)?;
+        Ok(dict)
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .cast::<PyNodeState>()
+            .is_ok_and(|other| other.get().node == self.node)
+    }
+
+    fn __ne__(&self, other: &Bound<'_, PyAny>) -> bool {
+        !self.__eq__(other)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "NodeState(status={}, attempts={})",
+            self.node.status.as_str(),
+            self.node.attempts
+        )
+    }
+}
+
+// -- WorkflowState -------------------------------------------------------------------
+
+/// One version of an execution's state. Immutable: `nodes`, `variables` and
+/// `context` are fresh copies at every access.
+#[pyclass(frozen, module = "wfstate._core", name = "WorkflowState")]
+pub struct PyWorkflowState {
+    pub state: Arc<State>,
+}
+
+fn same_observable_state(a: &State, b: &State) -> bool {
+    a.execution_id == b.execution_id
+        && a.workflow_id == b.workflow_id
+        && a.status == b.status
+        && a.current_node == b.current_node
+        && a.nodes == b.nodes
+        && a.variables == b.variables
+        && a.context == b.context
+        && a.version == b.version
+        && a.created_at == b.created_at
+        && a.updated_at == b.updated_at
+}
+
+#[pymethods]
+impl PyWorkflowState {
+    #[getter]
+    fn execution_id(&self) -> &str {
+        &self.state.execution_id
+    }
+
+    #[getter]
+    fn workflow_id(&self) -> &str {
+        &self.state.workflow_id
+    }
+
+    #[getter]
+    fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(member(
+            py,
+            &types(py)?.exec_status,
+            self.state.status.index(),
+        ))
+    }
+
+    #[getter]
+    fn current_node<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        opt_text(py, &self.state.current_node)
+    }
+
+    #[getter]
+    fn nodes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (node_id, node) in self.state.nodes.iter() {
+            dict.set_item(&**node_id, PyNodeState { node: node.clone() })?;
+        }
+        Ok(dict)
+    }
+
+    #[getter]
+    fn variables<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        json_map_to_py(py, &self.state.variables)
+    }
+
+    #[getter]
+    fn context<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        json_map_to_py(py, &self.state.context)
+    }
+
+    #[getter]
+    fn version(&self) -> u64 {
+        self.state.version
+    }
+
+    #[getter]
+    fn created_at<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(datetime_from_micros(py, self.state.created_at)?.into_any())
+    }
+
+    #[getter]
+    fn updated_at<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(datetime_from_micros(py, self.state.updated_at)?.into_any())
+    }
+
+    /// A JSON-ready dict: enums as their values, times as ISO-8601 strings.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let state = &self.state;
+        let dict = PyDict::new(py);
+        dict.set_item("execution_id", &*state.execution_id)?;
+        dict.set_item("workflow_id", &*state.workflow_id)?;
+        dict.set_item("status", state.status.as_str())?;
+        dict.set_item("current_node", opt_text(py, &state.current_node))?;
+        let nodes = PyDict::new(py);
+        for (node_id, node) in state.nodes.iter() {
+            nodes.set_item(&**node_id, PyNodeState { node: node.clone() }.to_dict(py)?)?;
+        }
+        dict.set_item("nodes", nodes)?;
+        dict.set_item("variables", json_map_to_py(py, &state.variables)?)?;
+        dict.set_item("context", json_map_to_py(py, &state.context)?)?;
+        dict.set_item("version", state.version)?;
+        dict.set_item("created_at", iso(py, Some(state.created_at))?)?;
+        dict.set_item("updated_at", iso(py, Some(state.updated_at))?)?;
+        Ok(dict)
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .cast::<PyWorkflowState>()
+            .is_ok_and(|other| same_observable_state(&other.get().state, &self.state))
+    }
+
+    fn __ne__(&self, other: &Bound<'_, PyAny>) -> bool {
+        !self.__eq__(other)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let state = &self.state;
+        format!(
+            "WorkflowState(execution_id={}, workflow_id={}, status={}, version={}, current_node={}, nodes={}, variables={})",
+            repr_opt(py, Some(&state.execution_id)),
+            repr_opt(py, Some(&state.workflow_id)),
+            state.status.as_str(),
+            state.version,
+            repr_opt(py, state.current_node.as_deref()),
+            state.nodes.len(),
+            state.variables.len()
+        )
+    }
+}
+
+// -- StateEvent ----------------------------------------------------------------------
+
+/// One recorded change. Immutable: `data` is decoded afresh at every access.
+#[pyclass(frozen, module = "wfstate._core", name = "StateEvent")]
+pub struct PyStateEvent {
+    event: Arc<Event>,
+}
+
+#[pymethods]
+impl PyStateEvent {
+    /// The global sequence number: the order of all events of the manager.
+    #[getter]
+    fn seq(&self) -> u64 {
+        self.event.seq
+    }
+
+    #[getter]
+    fn execution_id(&self) -> &str {
+        &self.event.execution_id
+    }
+
+    #[getter]
+    fn version(&self) -> u64 {
+        self.event.version
+    }
+
+    #[getter]
+    fn timestamp<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(datetime_from_micros(py, self.event.timestamp)?.into_any())
+    }
+
+    #[getter]
+    fn r#type<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(member(py, &types(py)?.event_type, self.event.kind.index()))
+    }
+
+    #[getter]
+    fn node_id<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        opt_text(py, &self.event.node_id)
+    }
+
+    #[getter]
+    fn actor<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        opt_text(py, &self.event.actor)
+    }
+
+    #[getter]
+    fn data<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_to_py(py, &decode_value(&self.event.data)?)
+    }
+
+    /// The event's data as the core stores it: MessagePack bytes.
+    #[getter]
+    fn encoded_data<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.event.data)
+    }
+
+    /// A JSON-ready dict: the type as its value, the timestamp as ISO-8601.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let event = &self.event;
+        let dict = PyDict::new(py);
+        dict.set_item("seq", event.seq)?;
+        dict.set_item("execution_id", &*event.execution_id)?;
+        dict.set_item("version", event.version)?;
+        dict.set_item("timestamp", iso(py, Some(event.timestamp))?)?;
+        dict.set_item("type", event.kind.as_str())?;
+        dict.set_item("node_id", opt_text(py, &event.node_id))?;
+        dict.set_item("actor", opt_text(py, &event.actor))?;
+        dict.set_item("data", self.data(py)?)?;
+        Ok(dict)
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .cast::<PyStateEvent>()
+            .is_ok_and(|other| *other.get().event == *self.event)
+    }
+
+    fn __ne__(&self, other: &Bound<'_, PyAny>) -> bool {
+        !self.__eq__(other)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let event = &self.event;
+        format!(
+            "StateEvent(seq={}, execution_id={}, version={}, type={}, node_id={})",
+            event.seq,
+            repr_opt(py, Some(&event.execution_id)),
+            event.version,
+            event.kind.as_str(),
+            repr_opt(py, event.node_id.as_deref())
+        )
+    }
+}
+
+fn events_to_py(py: Python<'_>, events: Vec<Arc<Event>>) -> PyResult<Vec<Py<PyStateEvent>>> {
+    events
+        .into_iter()
+        .map(|event| Py::new(py, PyStateEvent { event }))
+        .collect()
+}
+
+// -- PreparedUpdate ------------------------------------------------------------------
+
+/// An update checked and computed, not yet visible. Publish it with `Core.publish`.
+#[pyclass(frozen, module = "wfstate._core", name = "PreparedUpdate")]
+pub struct PyPreparedUpdate {
+    prepared: Prepared,
+}
+
+#[pymethods]
+impl PyPreparedUpdate {
+    #[getter]
+    fn execution_id(&self) -> &str {
+        &self.prepared.execution_id
+    }
+
+    #[getter]
+    fn base_version(&self) -> u64 {
+        self.prepared.base_version
+    }
+
+    #[getter]
+    fn version(&self) -> u64 {
+        self.prepared.state.version
+    }
+
+    #[getter]
+    fn state(&self) -> PyWorkflowState {
+        PyWorkflowState {
+            state: self.prepared.state.clone(),
+        }
+    }
+
+    /// The events the update will record; their `seq` is 0 until published.
+    #[getter]
+    fn events(&self, py: Python<'_>) -> PyResult<Vec<Py<PyStateEvent>>> {
+        let state = &self.prepared.state;
+        let events = self
+            .prepared
+            .events
+            .iter()
+            .map(|pending| {
+                Arc::new(Event {
+                    seq: 0,
+                    execution_id: self.prepared.execution_id.clone(),
+                    version: state.version,
+                    timestamp: state.updated_at,
+                    kind: pending.kind,
+                    node_id: pending.node_id.clone(),
+                    actor: self.prepared.actor.clone(),
+                    data: pending.data.clone(),
+                })
+            })
+            .collect();
+        events_to_py(py, events)
+    }
+}
+
+// -- EventCursor ---------------------------------------------------------------------
+
+/// A reader of the event ring with its own position.
+#[pyclass(frozen, module = "wfstate._core", name = "EventCursor")]
+pub struct PyEventCursor {
+    ring: Arc<Ring>,
+    id: u64,
+    durable: bool,
+    closed: AtomicBool,
+}
+
+impl PyEventCursor {
+    fn open_id(&self) -> Result<u64, CoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(CoreError::Closed("the event cursor is closed".into()));
+        }
+        Ok(self.id)
+    }
+}
+
+impl Drop for PyEventCursor {
+    fn drop(&mut self) {
+        // A forgotten durable cursor must not hold back eviction forever.
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.ring.close_cursor(self.id);
+        }
+    }
+}
+
+#[pymethods]
+impl PyEventCursor {
+    /// The sequence number of the next event `read` returns.
+    #[getter]
+    fn position(&self) -> PyResult<u64> {
+        Ok(self.ring.cursor_info(self.open_id()?)?.0)
+    }
+
+    /// Every event below this sequence number has been taken.
+    #[getter]
+    fn committed(&self) -> PyResult<u64> {
+        Ok(self.ring.cursor_info(self.open_id()?)?.1)
+    }
+
+    #[getter]
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
+    /// Events a live cursor skipped because it fell behind the ring.
+    #[getter]
+    fn missed(&self) -> PyResult<u64> {
+        Ok(self.ring.cursor_info(self.open_id()?)?.2)
+    }
+
+    /// Up to `max_events` next events; waits up to `timeout` seconds when there are none.
+    #[pyo3(signature = (max_events = 1000, timeout = None))]
+    fn read(
+        &self,
+        py: Python<'_>,
+        max_events: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<Py<PyStateEvent>>> {
+        let id = self.open_id()?;
+        let deadline = timeout.map(|t| deadline_after(t, "timeout")).transpose()?;
+        let events = match deadline {
+            // Waiting: let other threads (the writers we wait for) run.
+            Some(deadline) => py.detach(|| self.ring.read(id, max_events, Some(deadline)))?,
+            None => self.ring.read(id, max_events, None)?,
+        };
+        events_to_py(py, events)
+    }
+
+    /// Mark events up to `seq` (default: all read so far) as taken.
+    #[pyo3(signature = (seq = None))]
+    fn commit(&self, seq: Option<u64>) -> PyResult<()> {
+        Ok(self.ring.commit(self.open_id()?, seq)?)
+    }
+
+    /// Stop reading; a durable cursor stops holding back eviction. Idempotent.
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.ring.close_cursor(self.id);
+        }
+    }
+}
+
+fn deadline_after(seconds: f64, what: &str) -> Result<Instant, CoreError> {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(CoreError::Validation(format!(
+            "{what} must be a non-negative number of seconds, not {seconds}"
+        )));
+    }
+    let wait = Duration::from_secs_f64(seconds.min(1e9));
+    Ok(Instant::now() + wait)
+}
+
+// -- Core ----------------------------------------------------------------------------
+
+/// The concurrent state map and event ring. Use `wfstate.StateManager` instead.
+#[pyclass(frozen, module = "wfstate._core", name = "Core")]
+pub struct PyCore {
+    engine: Engine,
+    block_on_full: bool,
+    ring_full_timeout: f64,
+    max_update_bytes: usize,
+}
+
+impl PyCore {
+    /// Run `attempt` until the ring has room for its events (or give up).
+    fn with_room<T>(
+        &self,
+        py: Python<'_>,
+        mut attempt: impl FnMut() -> Result<T, CoreError>,
+    ) -> PyResult<T> {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            match attempt() {
+                Err(CoreError::RingFull { needed }) => {
+                    if !self.block_on_full {
+                        return Err(CoreError::Backpressure(format!(
+                            "{} (on_ring_full='error')",
+                            CoreError::RingFull { needed }
+                        ))
+                        .into());
+                    }
+                    let deadline = *deadline.get_or_insert_with(|| {
+                        Instant::now() + Duration::from_secs_f64(self.ring_full_timeout)
+                    });
+                    let ring = self.engine.ring();
+                    let has_room = py.detach(|| ring.wait_for_room(needed, deadline));
+                    if self.engine.is_closed() {
+                        return Err(CoreError::Closed("the state manager is closed".into()).into());
+                    }
+                    if !has_room {
+                        return Err(CoreError::Backpressure(format!(
+                            "{} after waiting {}s (ring_full_timeout)",
+                            CoreError::RingFull { needed },
+                            self.ring_full_timeout
+                        ))
+                        .into());
+                    }
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+}
+
+fn expected(value: Option<&Bound<'_, PyAny>>) -> Result<Option<u64>, CoreError> {
+    let expected = opt_count(value, "expected_version")?;
+    if expected == Some(0) {
+        return Err(CoreError::Validation(
+            "expected_version: versions start at 1".into(),
+        ));
+    }
+    Ok(expected)
+}
+
+#[pymethods]
+impl PyCore {
+    #[new]
+    #[pyo3(signature = (*, ring_capacity = 100_000, block_on_full = true, ring_full_timeout = 5.0, max_update_bytes = 1_048_576))]
+    fn new(
+        ring_capacity: usize,
+        block_on_full: bool,
+        ring_full_timeout: f64,
+        max_update_bytes: usize,
+    ) -> PyResult<Self> {
+        deadline_after(ring_full_timeout, "ring_full_timeout")?;
+        if max_update_bytes == 0 {
+            return Err(CoreError::Validation("max_update_bytes must be positive".into()).into());
+        }
+        Ok(PyCore {
+            engine: Engine::new(ring_capacity)?,
+            block_on_full,
+            ring_full_timeout,
+            max_update_bytes,
+        })
+    }
+
+    #[pyo3(signature = (execution_id, workflow_id, variables = None, context = None, actor = None))]
+    fn create(
+        &self,
+        py: Python<'_>,
+        execution_id: Option<&Bound<'_, PyAny>>,
+        workflow_id: &Bound<'_, PyAny>,
+        variables: Option<&Bound<'_, PyAny>>,
+        context: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyWorkflowState> {
+        let execution_id: Arc<str> = match execution_id.filter(|v| !v.is_none()) {
+            Some(id) => Arc::from(id_str(id, "execution_id")?),
+            None => Arc::from(uuid::Uuid::now_v7().to_string()),
+        };
+        let workflow_id: Arc<str> = Arc::from(id_str(workflow_id, "workflow_id")?);
+        let mut size = 0;
+        let variables = json_entries(variables, "variables", &mut size)?.unwrap_or_default();
+        let context = json_entries(context, "context", &mut size)?.unwrap_or_default();
+        convert::check_size(size, self.max_update_bytes)?;
+        let actor = opt_id(actor, "actor")?;
+        let state = self.with_room(py, || {
+            self.engine.create(
+                execution_id.clone(),
+                workflow_id.clone(),
+                variables.clone(),
+                context.clone(),
+                actor.clone(),
+                now_micros(),
+            )
+        })?;
+        Ok(PyWorkflowState { state })
+    }
+
+    #[pyo3(signature = (execution_id, update, expected_version = None, actor = None))]
+    fn apply(
+        &self,
+        py: Python<'_>,
+        execution_id: &Bound<'_, PyAny>,
+        update: &Bound<'_, PyAny>,
+        expected_version: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let execution_id = id_str(execution_id, "execution_id")?;
+        let update = parse_update(py, update, self.max_update_bytes)?;
+        let expected_version = expected(expected_version)?;
+        let actor = opt_id(actor, "actor")?;
+        self.with_room(py, || {
+            self.engine.apply(
+                execution_id,
+                &update,
+                expected_version,
+                actor.clone(),
+                now_micros(),
+            )
+        })
+    }
+
+    #[pyo3(signature = (execution_id, update, expected_version = None, actor = None))]
+    fn prepare(
+        &self,
+        py: Python<'_>,
+        execution_id: &Bound<'_, PyAny>,
+        update: &Bound<'_, PyAny>,
+        expected_version: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyPreparedUpdate> {
+        let execution_id = id_str(execution_id, "execution_id")?;
+        let update = parse_update(py, update, self.max_update_bytes)?;
+        let expected_version = expected(expected_version)?;
+        let actor = opt_id(actor, "actor")?;
+        let prepared =
+            self.engine
+                .prepare(execution_id, &update, expected_version, actor, now_micros())?;
+        Ok(PyPreparedUpdate { prepared })
+    }
+
+    fn publish(&self, py: Python<'_>, prepared: &PyPreparedUpdate) -> PyResult<u64> {
+        self.with_room(py, || self.engine.publish(&prepared.prepared))
+    }
+
+    fn get(&self, execution_id: &Bound<'_, PyAny>) -> PyResult<PyWorkflowState> {
+        let execution_id = id_str(execution_id, "execution_id")?;
+        Ok(PyWorkflowState {
+            state: self.engine.get(execution_id)?,
+        })
+    }
+
+    fn get_version(
+        &self,
+        execution_id: &Bound<'_, PyAny>,
+        version: &Bound<'_, PyAny>,
+    ) -> PyResult<PyWorkflowState> {
+        let execution_id = id_str(execution_id, "execution_id")?;
+        let version = opt_count(Some(version), "version")?.unwrap_or(0);
+        Ok(PyWorkflowState {
+            state: self.engine.get_version(execution_id, version)?,
+        })
+    }
+
+    #[pyo3(signature = (execution_id, since_us = None, until_us = None, types = None, node_id = None, after_version = None, limit = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn history(
+        &self,
+        py: Python<'_>,
+        execution_id: &Bound<'_, PyAny>,
+        since_us: Option<i64>,
+        until_us: Option<i64>,
+        types: Option<&Bound<'_, PyAny>>,
+        node_id: Option<&Bound<'_, PyAny>>,
+        after_version: Option<&Bound<'_, PyAny>>,
+        limit: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(Vec<Py<PyStateEvent>>, u64)> {
+        let execution_id = id_str(execution_id, "execution_id")?;
+        let kinds = match types.filter(|t| !t.is_none()) {
+            None => None,
+            Some(types) => {
+                let mut kinds = [false; EventKind::ALL.len()];
+                for kind in types.try_iter()? {
+                    kinds[event_kind(&kind?)?.index()] = true;
+                }
+                Some(kinds)
+            }
+        };
+        let filter = HistoryFilter {
+            since: since_us,
+            until: until_us,
+            kinds,
+            node_id: opt_id(node_id, "node_id")?.map(|n| n.to_string()),
+            after_version: opt_count(after_version, "after_version")?,
+            limit: opt_count(limit, "limit")?.map(|l| l as usize),
+        };
+        let (events, error_count) = py.detach(|| self.engine.history(execution_id, &filter))?;
+        Ok((events_to_py(py, events)?, error_count))
+    }
+
+    #[pyo3(signature = (statuses = None, workflow_id = None, limit = None))]
+    fn list(
+        &self,
+        py: Python<'_>,
+        statuses: Option<&Bound<'_, PyAny>>,
+        workflow_id: Option<&Bound<'_, PyAny>>,
+        limit: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<PyWorkflowState>> {
+        let wanted = match statuses.filter(|s| !s.is_none()) {
+            None => None,
+            Some(statuses) => {
+                let mut wanted = [false; ExecStatus::ALL.len()];
+                for status in statuses.try_iter()? {
+                    wanted[convert::exec_status(&status?, "status")?.index()] = true;
+                }
+                Some(wanted)
+            }
+        };
+        let workflow_id = opt_id(workflow_id, "workflow_id")?;
+        let limit = opt_count(limit, "limit")?.map_or(usize::MAX, |l| l as usize);
+        let states = py.detach(|| self.engine.list(wanted, workflow_id.as_deref(), limit))?;
+        Ok(states
+            .into_iter()
+            .map(|state| PyWorkflowState { state })
+            .collect())
+    }
+
+    #[pyo3(signature = (*, durable = false, from_oldest = false))]
+    fn open_cursor(&self, durable: bool, from_oldest: bool) -> PyResult<PyEventCursor> {
+        if self.engine.is_closed() {
+            return Err(CoreError::Closed("the state manager is closed".into()).into());
+        }
+        let ring = self.engine.ring().clone();
+        let id = ring.open_cursor(durable, from_oldest)?;
+        Ok(PyEventCursor {
+            ring,
+            id,
+            durable,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let ring = self.engine.ring().stats();
+        let dict = PyDict::new(py);
+        dict.set_item("executions", self.engine.len())?;
+        dict.set_item("ring_events", ring.len)?;
+        dict.set_item("ring_capacity", ring.capacity)?;
+        dict.set_item("first_seq", ring.first_seq)?;
+        dict.set_item("next_seq", ring.next_seq)?;
+        dict.set_item("cursors", ring.cursors)?;
+        dict.set_item("durable_cursors", ring.durable_cursors)?;
+        Ok(dict)
+    }
+
+    fn close(&self) {
+        self.engine.close();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.engine.is_closed()
+    }
+
+    fn __len__(&self) -> usize {
+        self.engine.len()
+    }
+}
+
+// -- module functions ----------------------------------------------------------------
+
+fn enum_members(enum_type: &Bound<'_, PyType>, values: &[&str]) -> PyResult<Vec<Py<PyAny>>> {
+    values
+        .iter()
+        .map(|value| Ok(enum_type.call1((*value,))?.unbind()))
+        .collect()
+}
+
+/// Bind the Python enums and classes the core hands out. Called once by `wfstate`.
+#[pyfunction]
+pub fn bind_types(
+    py: Python<'_>,
+    execution_status: &Bound<'_, PyType>,
+    node_status: &Bound<'_, PyType>,
+    event_type: &Bound<'_, PyType>,
+    state_update: &Bound<'_, PyType>,
+    exception_to_error: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let exec_values: Vec<&str> = ExecStatus::ALL.iter().map(|s| s.as_str()).collect();
+    let node_values: Vec<&str> = NodeStatus::ALL.iter().map(|s| s.as_str()).collect();
+    let event_values: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+    let bound = BoundTypes {
+        exec_status: enum_members(execution_status, &exec_values)?,
+        node_status: enum_members(node_status, &node_values)?,
+        event_type: enum_members(event_type, &event_values)?,
+        state_update: state_update.clone().unbind(),
+        exception_to_error: exception_to_error.clone().unbind(),
+        unset: py.import("wfstate._model")?.getattr("UNSET")?.unbind(),
+    };
+    // A second import (e.g. importlib.reload) keeps the first binding.
+    let _ = TYPES.set(py, bound);
+    Ok(())
+}
+
+/// Decode an event's MessagePack data (`StateEvent.encoded_data`) to Python values.
+#[pyfunction]
+pub fn decode_data<'py>(py: Python<'py>, encoded: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    json_to_py(py, &decode_value(encoded)?)
+}

@@ -1,0 +1,590 @@
+//! The bounded event ring: every recorded event, in global order, with cursors.
+//!
+//! Each event carries a global sequence number (from 1) and its execution's version,
+//! and each slot keeps the state its version produced, so a recent past version is
+//! one lookup away. A per-execution index of sequence numbers means reading one
+//! execution's events never scans the ring.
+//!
+//! The ring must never drop an event a durable reader has not taken: the oldest
+//! event is evicted only once every durable cursor has committed past it. When it
+//! cannot make room, `append` reports `RingFull` and writes nothing; the caller
+//! waits (`wait_for_room`, without holding the GIL) or fails.
+//!
+//! Lock order: callers may hold an execution's slot lock or a map shard lock when
+//! they call into the ring; the ring never calls out while holding its lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::errors::CoreError;
+use crate::model::{EventKind, State};
+
+/// One recorded event. `data` is the MessagePack encoding of its JSON data.
+#[derive(Debug, PartialEq)]
+pub struct Event {
+    pub seq: u64,
+    pub execution_id: Arc<str>,
+    pub version: u64,
+    /// Microseconds since the Unix epoch, UTC.
+    pub timestamp: i64,
+    pub kind: EventKind,
+    pub node_id: Option<Arc<str>>,
+    pub actor: Option<Arc<str>>,
+    pub data: Box<[u8]>,
+}
+
+/// An event computed by `prepare`, waiting for its sequence number.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingEvent {
+    pub kind: EventKind,
+    pub node_id: Option<Arc<str>>,
+    pub data: Box<[u8]>,
+}
+
+struct Slot {
+    event: Arc<Event>,
+    /// The state right after `event.version` was written.
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct ExecIndex {
+    seqs: VecDeque<u64>,
+    /// The highest version of this execution that lost an event to eviction.
+    evicted_version: u64,
+    /// The timestamp of the newest evicted event of this execution.
+    evicted_until: i64,
+}
+
+struct CursorPos {
+    durable: bool,
+    /// The next sequence number `read` returns.
+    position: u64,
+    /// Every event below this sequence number has been taken (durable cursors).
+    committed: u64,
+    missed: u64,
+}
+
+struct Inner {
+    slots: VecDeque<Slot>,
+    /// The sequence number of `slots[0]` (or of the next event when empty).
+    first_seq: u64,
+    index: HashMap<Arc<str>, ExecIndex>,
+    cursors: HashMap<u64, CursorPos>,
+    next_cursor_id: u64,
+    closed: bool,
+}
+
+/// What the ring knows of one past version of an execution.
+pub enum VersionLookup {
+    Found(Arc<State>),
+    Evicted,
+    Unknown,
+}
+
+/// Which of an execution's events a history query wants.
+#[derive(Clone, Debug, Default)]
+pub struct HistoryFilter {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub kinds: Option<[bool; EventKind::ALL.len()]>,
+    pub node_id: Option<String>,
+    pub after_version: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+impl HistoryFilter {
+    fn matches(&self, event: &Event) -> bool {
+        self.since.is_none_or(|since| event.timestamp >= since)
+            && self.until.is_none_or(|until| event.timestamp < until)
+            && self.kinds.is_none_or(|kinds| kinds[event.kind.index()])
+            && self
+                .node_id
+                .as_deref()
+                .is_none_or(|node| event.node_id.as_deref() == Some(node))
+            && self.after_version.is_none_or(|after| event.version > after)
+    }
+}
+
+pub struct Ring {
+    inner: Mutex<Inner>,
+    /// Signalled when a durable cursor commits (room may have appeared) or on close.
+    room: Condvar,
+    /// Signalled when events are appended, for cursors waiting to read.
+    arrived: Condvar,
+    capacity: usize,
+}
+
+pub struct RingStats {
+    pub len: usize,
+    pub capacity: usize,
+    pub first_seq: u64,
+    pub next_seq: u64,
+    pub cursors: usize,
+    pub durable_cursors: usize,
+}
+
+impl Ring {
+    pub const MIN_CAPACITY: usize = 16;
+
+    pub fn new(capacity: usize) -> Result<Self, CoreError> {
+        if capacity < Self::MIN_CAPACITY {
+            return Err(CoreError::Validation(format!(
+                "ring_capacity must be at least {}, not {capacity}",
+                Self::MIN_CAPACITY
+            )));
+        }
+        Ok(Ring {
+            inner: Mutex::new(Inner {
+                slots: VecDeque::with_capacity(capacity.min(1 << 16)),
+                first_seq: 1,
+                index: HashMap::new(),
+                cursors: HashMap::new(),
+                next_cursor_id: 1,
+                closed: false,
+            }),
+            room: Condvar::new(),
+            arrived: Condvar::new(),
+            capacity,
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Append one version's events, all or nothing. Returns the first sequence number.
+    pub fn append(
+        &self,
+        execution_id: &Arc<str>,
+        version: u64,
+        timestamp: i64,
+        actor: &Option<Arc<str>>,
+        events: &[PendingEvent],
+        state: &Arc<State>,
+    ) -> Result<u64, CoreError> {
+        let needed = events.len();
+        if needed > self.capacity {
+            return Err(CoreError::Validation(format!(
+                "the update records {needed} events, more than the ring holds ({})",
+                self.capacity
+            )));
+        }
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Err(CoreError::Closed("the state manager is closed".into()));
+        }
+        if !inner.make_room(needed, self.capacity) {
+            return Err(CoreError::RingFull { needed });
+        }
+        let first = inner.first_seq + inner.slots.len() as u64;
+        let inner = &mut *inner;
+        let index = inner.index.entry(execution_id.clone()).or_default();
+        for (offset, pending) in events.iter().enumerate() {
+            let seq = first + offset as u64;
+            index.seqs.push_back(seq);
+            inner.slots.push_back(Slot {
+                event: Arc::new(Event {
+                    seq,
+                    execution_id: execution_id.clone(),
+                    version,
+                    timestamp,
+                    kind: pending.kind,
+                    node_id: pending.node_id.clone(),
+                    actor: actor.clone(),
+                    data: pending.data.clone(),
+                }),
+                state: state.clone(),
+            });
+        }
+        if !inner.cursors.is_empty() {
+            self.arrived.notify_all();
+        }
+        Ok(first)
+    }
+
+    /// Block until `needed` events fit, the deadline passes (false) or the ring closes.
+    pub fn wait_for_room(&self, needed: usize, deadline: Instant) -> bool {
+        let mut inner = self.inner.lock();
+        loop {
+            if inner.closed {
+                return false;
+            }
+            if inner.make_room(needed, self.capacity) {
+                return true;
+            }
+            if self.room.wait_until(&mut inner, deadline).timed_out() {
+                return inner.make_room(needed, self.capacity);
+            }
+        }
+    }
+
+    pub fn has_room(&self, needed: usize) -> bool {
+        self.inner.lock().make_room(needed, self.capacity)
+    }
+
+    /// The state right after `version` of `execution_id`, if the ring still holds it.
+    pub fn state_at(&self, execution_id: &str, version: u64) -> VersionLookup {
+        let inner = self.inner.lock();
+        let Some(index) = inner.index.get(execution_id) else {
+            return VersionLookup::Unknown;
+        };
+        // The per-execution sequence numbers are in version order: binary search.
+        let seqs = &index.seqs;
+        let position = seqs.partition_point(|seq| inner.slot(*seq).event.version < version);
+        match seqs.get(position).map(|seq| inner.slot(*seq)) {
+            Some(slot) if slot.event.version == version => VersionLookup::Found(slot.state.clone()),
+            _ if version <= index.evicted_version => VersionLookup::Evicted,
+            _ => VersionLookup::Unknown,
+        }
+    }
+
+    /// The events of one execution that match `filter`, oldest first.
+    pub fn history(
+        &self,
+        execution_id: &str,
+        filter: &HistoryFilter,
+    ) -> Result<Vec<Arc<Event>>, CoreError> {
+        let inner = self.inner.lock();
+        let Some(index) = inner.index.get(execution_id) else {
+            return Ok(Vec::new());
+        };
+        let lost_matter = index.evicted_version > filter.after_version.unwrap_or(0)
+            && filter
+                .since
+                .is_none_or(|since| since <= index.evicted_until);
+        if lost_matter {
+            return Err(CoreError::HistoryEvicted(format!(
+                "events of execution {execution_id:?} up to version {} are no longer held in memory",
+                index.evicted_version
+            )));
+        }
+        let seqs = &index.seqs;
+        let start = match filter.after_version {
+            Some(after) => seqs.partition_point(|seq| inner.slot(*seq).event.version <= after),
+            None => 0,
+        };
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let mut events = Vec::new();
+        for seq in seqs.range(start..) {
+            if events.len() >= limit {
+                break;
+            }
+            let event = &inner.slot(*seq).event;
+            if filter.until.is_some_and(|until| event.timestamp >= until) {
+                // Timestamps never go backwards within an execution.
+                break;
+            }
+            if filter.matches(event) {
+                events.push(event.clone());
+            }
+        }
+        Ok(events)
+    }
+
+    pub fn open_cursor(&self, durable: bool, from_oldest: bool) -> Result<u64, CoreError> {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Err(CoreError::Closed("the state manager is closed".into()));
+        }
+        let start = if from_oldest {
+            inner.first_seq
+        } else {
+            inner.next_seq()
+        };
+        let id = inner.next_cursor_id;
+        inner.next_cursor_id += 1;
+        inner.cursors.insert(
+            id,
+            CursorPos {
+                durable,
+                position: start,
+                committed: start,
+                missed: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Up to `max_events` events from the cursor's position, waiting until `deadline`
+    /// for the first one when there is none.
+    pub fn read(
+        &self,
+        cursor: u64,
+        max_events: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Arc<Event>>, CoreError> {
+        let mut inner = self.inner.lock();
+        loop {
+            let first_seq = inner.first_seq;
+            let next_seq = inner.next_seq();
+            let closed = inner.closed;
+            let pos = inner.cursor_mut(cursor)?;
+            if pos.position < first_seq {
+                // Only a live cursor can fall behind: eviction waits for durable ones.
+                pos.missed += first_seq - pos.position;
+                pos.position = first_seq;
+            }
+            if pos.position < next_seq || closed {
+                let start = pos.position;
+                let end = next_seq.min(start.saturating_add(max_events as u64));
+                pos.position = end;
+                let events = (start..end)
+                    .map(|seq| inner.slot(seq).event.clone())
+                    .collect();
+                return Ok(events);
+            }
+            match deadline {
+                Some(deadline) => {
+                    if self.arrived.wait_until(&mut inner, deadline).timed_out() {
+                        return Ok(Vec::new());
+                    }
+                }
+                None => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    /// Mark every event up to and including `seq` (default: all read) as taken.
+    pub fn commit(&self, cursor: u64, seq: Option<u64>) -> Result<(), CoreError> {
+        let mut inner = self.inner.lock();
+        let pos = inner.cursor_mut(cursor)?;
+        let upto = seq.map_or(pos.position, |seq| seq.saturating_add(1).min(pos.position));
+        if upto > pos.committed {
+            pos.committed = upto;
+            if pos.durable {
+                self.room.notify_all();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn cursor_info(&self, cursor: u64) -> Result<(u64, u64, u64), CoreError> {
+        let mut inner = self.inner.lock();
+        let pos = inner.cursor_mut(cursor)?;
+        Ok((pos.position, pos.committed, pos.missed))
+    }
+
+    pub fn close_cursor(&self, cursor: u64) {
+        let mut inner = self.inner.lock();
+        if inner.cursors.remove(&cursor).is_some_and(|pos| pos.durable) {
+            self.room.notify_all();
+        }
+    }
+
+    pub fn close(&self) {
+        let mut inner = self.inner.lock();
+        inner.closed = true;
+        self.room.notify_all();
+        self.arrived.notify_all();
+    }
+
+    pub fn stats(&self) -> RingStats {
+        let inner = self.inner.lock();
+        RingStats {
+            len: inner.slots.len(),
+            capacity: self.capacity,
+            first_seq: inner.first_seq,
+            next_seq: inner.next_seq(),
+            cursors: inner.cursors.len(),
+            durable_cursors: inner.cursors.values().filter(|c| c.durable).count(),
+        }
+    }
+}
+
+impl Inner {
+    fn next_seq(&self) -> u64 {
+        self.first_seq + self.slots.len() as u64
+    }
+
+    fn slot(&self, seq: u64) -> &Slot {
+        &self.slots[(seq - self.first_seq) as usize]
+    }
+
+    fn cursor_mut(&mut self, cursor: u64) -> Result<&mut CursorPos, CoreError> {
+        self.cursors
+            .get_mut(&cursor)
+            .ok_or_else(|| CoreError::Closed("the event cursor is closed".into()))
+    }
+
+    /// Evict what may be evicted until `needed` more events fit; false if they can't.
+    fn make_room(&mut self, needed: usize, capacity: usize) -> bool {
+        let excess = (self.slots.len() + needed).saturating_sub(capacity);
+        if excess == 0 {
+            return true;
+        }
+        let taken_below = self
+            .cursors
+            .values()
+            .filter(|c| c.durable)
+            .map(|c| c.committed)
+            .min()
+            .unwrap_or(u64::MAX);
+        if self.first_seq + excess as u64 > taken_below {
+            return false;
+        }
+        for _ in 0..excess {
+            let slot = self.slots.pop_front().expect("excess <= len");
+            self.first_seq += 1;
+            let event = &slot.event;
+            if let Some(index) = self.index.get_mut(&event.execution_id) {
+                index.seqs.pop_front();
+                index.evicted_version = event.version;
+                index.evicted_until = event.timestamp;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model;
+
+    fn state(id: &str, version: u64) -> Arc<State> {
+        let (mut state, _) = model::create(id.into(), "wf".into(), vec![], vec![], 0, 0);
+        state.version = version;
+        Arc::new(state)
+    }
+
+    fn one(kind: EventKind) -> Vec<PendingEvent> {
+        vec![PendingEvent {
+            kind,
+            node_id: None,
+            data: Box::new([]),
+        }]
+    }
+
+    #[test]
+    fn evicts_oldest_without_durable_readers_and_answers_past_versions() {
+        let ring = Ring::new(16).unwrap();
+        let id: Arc<str> = "e".into();
+        for version in 1..=20 {
+            ring.append(
+                &id,
+                version,
+                version as i64,
+                &None,
+                &one(EventKind::StatusChange),
+                &state("e", version),
+            )
+            .unwrap();
+        }
+        assert!(matches!(ring.state_at("e", 4), VersionLookup::Evicted));
+        match ring.state_at("e", 10) {
+            VersionLookup::Found(s) => assert_eq!(s.version, 10),
+            _ => panic!("version 10 should be held"),
+        }
+        assert!(matches!(ring.state_at("e", 21), VersionLookup::Unknown));
+        let filter = HistoryFilter {
+            after_version: Some(10),
+            ..HistoryFilter::default()
+        };
+        let versions: Vec<u64> = ring
+            .history("e", &filter)
+            .unwrap()
+            .iter()
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(versions, (11..=20).collect::<Vec<_>>());
+        assert!(matches!(
+            ring.history("e", &HistoryFilter::default()),
+            Err(CoreError::HistoryEvicted(_))
+        ));
+    }
+
+    #[test]
+    fn durable_cursor_blocks_eviction_until_commit() {
+        let ring = Ring::new(16).unwrap();
+        let id: Arc<str> = "e".into();
+        let cursor = ring.open_cursor(true, false).unwrap();
+        for version in 1..=16 {
+            ring.append(
+                &id,
+                version,
+                0,
+                &None,
+                &one(EventKind::StatusChange),
+                &state("e", version),
+            )
+            .unwrap();
+        }
+        let full = ring.append(
+            &id,
+            17,
+            0,
+            &None,
+            &one(EventKind::StatusChange),
+            &state("e", 17),
+        );
+        assert_eq!(full, Err(CoreError::RingFull { needed: 1 }));
+        assert_eq!(ring.stats().len, 16);
+        let events = ring.read(cursor, 4, None).unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        // Read but not committed: still not evictable.
+        assert!(!ring.has_room(1));
+        ring.commit(cursor, Some(2)).unwrap();
+        assert!(ring.has_room(2));
+        assert!(!ring.has_room(3));
+        ring.commit(cursor, None).unwrap();
+        assert!(ring.has_room(4));
+    }
+
+    #[test]
+    fn live_cursor_counts_missed_events() {
+        let ring = Ring::new(16).unwrap();
+        let id: Arc<str> = "e".into();
+        let cursor = ring.open_cursor(false, false).unwrap();
+        for version in 1..=40 {
+            ring.append(
+                &id,
+                version,
+                0,
+                &None,
+                &one(EventKind::StatusChange),
+                &state("e", version),
+            )
+            .unwrap();
+        }
+        let events = ring.read(cursor, 100, None).unwrap();
+        assert_eq!(events.len(), 16);
+        assert_eq!(events[0].seq, 25);
+        assert_eq!(ring.cursor_info(cursor).unwrap().2, 24);
+    }
+
+    #[test]
+    fn blocked_writer_proceeds_when_the_reader_commits() {
+        let ring = Arc::new(Ring::new(16).unwrap());
+        let id: Arc<str> = "e".into();
+        let cursor = ring.open_cursor(true, false).unwrap();
+        for version in 1..=16 {
+            ring.append(
+                &id,
+                version,
+                0,
+                &None,
+                &one(EventKind::StatusChange),
+                &state("e", version),
+            )
+            .unwrap();
+        }
+        let reader = {
+            let ring = ring.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                ring.read(cursor, 16, None).unwrap();
+                ring.commit(cursor, None).unwrap();
+            })
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        assert!(ring.wait_for_room(1, deadline));
+        reader.join().unwrap();
+    }
+}
