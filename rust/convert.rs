@@ -279,7 +279,7 @@ pub fn json_entries(
         let key = dict_key(&key).map_err(|e| e.into_core(what))?;
         *size += json_str_len(&key) + 2;
         let item =
-            to_json(&item, 1, size).map_err(|e| e.at(format!("[{key:?}]")).into_core(what))?;
+            to_json(&item, 0, size).map_err(|e| e.at(format!("[{key:?}]")).into_core(what))?;
         entries.push((Arc::from(key), Arc::new(item)));
     }
     Ok(Some(entries))

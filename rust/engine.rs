@@ -115,7 +115,7 @@ impl Engine {
         self.closed.load(Ordering::Acquire)
     }
 
-    fn check_open(&self) -> Result<(), CoreError> {
+    pub fn check_open(&self) -> Result<(), CoreError> {
         if self.is_closed() {
             return Err(CoreError::Closed("the state manager is closed".into()));
         }

@@ -211,7 +211,7 @@ pub struct State {
     pub workflow_id: Arc<str>,
     pub status: ExecStatus,
     pub current_node: Option<Arc<str>>,
-    pub nodes: OrdMap<Arc<str>, NodeState>,
+    pub nodes: OrdMap<Arc<str>, Arc<NodeState>>,
     pub variables: JsonMap,
     pub context: JsonMap,
     pub version: u64,
@@ -411,7 +411,7 @@ pub fn apply(
                     to.as_str()
                 )));
             }
-            let mut node = previous.clone().unwrap_or(NodeState {
+            let mut node = previous.as_deref().cloned().unwrap_or(NodeState {
                 status: NodeStatus::Pending,
                 attempts: 0,
                 started_at: None,
@@ -459,7 +459,7 @@ pub fn apply(
             if let Some(metrics) = metrics_for(node_id) {
                 data.insert("metrics".into(), metrics.clone());
             }
-            next.nodes.insert(node_id.clone(), node);
+            next.nodes.insert(node_id.clone(), Arc::new(node));
             events.push(EventDraft {
                 kind: EventKind::for_node_status(*to),
                 node_id: Some(node_id.clone()),

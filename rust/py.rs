@@ -65,7 +65,7 @@ fn json_map_to_py<'py>(py: Python<'py>, map: &model::JsonMap) -> PyResult<Bound<
 /// The state of one node of an execution. Immutable.
 #[pyclass(frozen, module = "wfstate._core", name = "NodeState")]
 pub struct PyNodeState {
-    node: model::NodeState,
+    node: Arc<model::NodeState>,
 }
 
 #[pymethods]
@@ -778,6 +778,7 @@ impl PyCore {
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.engine.check_open()?;
         let ring = self.engine.ring().stats();
         let dict = PyDict::new(py);
         dict.set_item("executions", self.engine.len())?;
@@ -799,8 +800,9 @@ impl PyCore {
         self.engine.is_closed()
     }
 
-    fn __len__(&self) -> usize {
-        self.engine.len()
+    fn __len__(&self) -> PyResult<usize> {
+        self.engine.check_open()?;
+        Ok(self.engine.len())
     }
 }
 

@@ -33,9 +33,7 @@ from wfstate.errors import (
 )
 from wfstate.manager import StateManager, UpdateFn
 
-_core.bind_types(
-    ExecutionStatus, NodeStatus, EventType, StateUpdate, _model._exception_to_error
-)
+_core.bind_types(ExecutionStatus, NodeStatus, EventType, StateUpdate, _model._exception_to_error)
 
 __version__ = "0.1.0"
 

@@ -34,8 +34,14 @@ __all__ = [
 #: What wfstate accepts as a variable, context or detail value: JSON, with tuples
 #: read as lists. Floats must be finite, integers fit in 64 bits, keys are strings.
 JSONValue: TypeAlias = (
-    None | bool | int | float | str | list["JSONValue"] | tuple["JSONValue", ...]
+    bool
+    | int
+    | float
+    | str
+    | list["JSONValue"]
+    | tuple["JSONValue", ...]
     | dict[str, "JSONValue"]
+    | None
 )
 
 
@@ -129,7 +135,7 @@ class StateUpdate:
     """
 
     status: ExecutionStatus | str | None = None
-    current_node: str | None | _Unset = UNSET
+    current_node: str | _Unset | None = UNSET
     variables: Mapping[str, JSONValue] | None = None
     unset_variables: Iterable[str] | None = None
     context: Mapping[str, JSONValue] | None = None

@@ -194,9 +194,7 @@ class StateManager:
         if options is None:
             options = HistoryOptions()
         elif not isinstance(options, HistoryOptions):
-            raise ValidationError(
-                f"options must be a HistoryOptions, not {type(options).__name__}"
-            )
+            raise ValidationError(f"options must be a HistoryOptions, not {type(options).__name__}")
         since_us = None if options.since is None else _to_micros(options.since, "since")
         until_us = None if options.until is None else _to_micros(options.until, "until")
         types = None if options.types is None else _enum_values(options.types, "types")
@@ -260,5 +258,3 @@ def _enum_values(values: Iterable[Any], name: str) -> list[str]:
             raise ValidationError(f"{name} holds {value!r}, which is not a status or type")
         result.append(str(value))
     return result
-
-
