@@ -41,7 +41,8 @@ impl ExecSlot {
     }
 }
 
-/// An update checked and computed against `base_version`, not yet visible.
+/// An update checked and computed against `base_version` (0: a creation), not yet
+/// visible.
 #[derive(Clone, Debug)]
 pub struct Prepared {
     pub execution_id: Arc<str>,
@@ -49,6 +50,23 @@ pub struct Prepared {
     pub state: Arc<State>,
     pub events: Vec<PendingEvent>,
     pub actor: Option<Arc<str>>,
+}
+
+impl Prepared {
+    fn new(
+        state: State,
+        base_version: u64,
+        drafts: Vec<EventDraft>,
+        actor: Option<Arc<str>>,
+    ) -> Self {
+        Prepared {
+            execution_id: state.execution_id.clone(),
+            base_version,
+            state: Arc::new(state),
+            events: encode(drafts),
+            actor,
+        }
+    }
 }
 
 pub struct Engine {
@@ -130,6 +148,69 @@ impl Engine {
             .ok_or_else(|| not_found(execution_id))
     }
 
+    fn check_absent(&self, execution_id: &str) -> Result<(), CoreError> {
+        if self.map.contains_key(execution_id) {
+            return Err(CoreError::AlreadyExists(format!(
+                "execution {execution_id:?} exists already"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Phase one of a creation: version 1 and its event, not yet visible.
+    pub fn prepare_create(
+        &self,
+        execution_id: Arc<str>,
+        workflow_id: Arc<str>,
+        variables: Vec<(Arc<str>, Arc<Value>)>,
+        context: Vec<(Arc<str>, Arc<Value>)>,
+        actor: Option<Arc<str>>,
+        now: i64,
+    ) -> Result<Prepared, CoreError> {
+        self.check_open()?;
+        self.check_absent(&execution_id)?;
+        let created_seq = self.creations.fetch_add(1, Ordering::Relaxed);
+        let (state, event) = model::create(
+            execution_id,
+            workflow_id,
+            variables,
+            context,
+            now,
+            created_seq,
+        );
+        Ok(Prepared::new(state, 0, vec![event], actor))
+    }
+
+    /// Phase one of a fork: a new execution starting from `source`, not yet visible.
+    pub fn prepare_fork(
+        &self,
+        source: &State,
+        execution_id: Arc<str>,
+        actor: Option<Arc<str>>,
+        now: i64,
+    ) -> Result<Prepared, CoreError> {
+        self.check_open()?;
+        self.check_absent(&execution_id)?;
+        let created_seq = self.creations.fetch_add(1, Ordering::Relaxed);
+        let (state, event) = model::fork(source, execution_id, now, created_seq);
+        Ok(Prepared::new(state, 0, vec![event], actor))
+    }
+
+    /// Phase one of the source's side of a fork: a version recording the link.
+    pub fn prepare_fork_link(
+        &self,
+        execution_id: &str,
+        forked_version: u64,
+        new_execution_id: &str,
+        actor: Option<Arc<str>>,
+        now: i64,
+    ) -> Result<Prepared, CoreError> {
+        let current = self.slot(execution_id)?.current();
+        let (next, event) = model::record_fork(&current, forked_version, new_execution_id, now);
+        Ok(Prepared::new(next, current.version, vec![event], actor))
+    }
+
+    /// Both phases of a creation: the in-memory path.
     pub fn create(
         &self,
         execution_id: Arc<str>,
@@ -139,33 +220,10 @@ impl Engine {
         actor: Option<Arc<str>>,
         now: i64,
     ) -> Result<Arc<State>, CoreError> {
-        self.check_open()?;
-        // The shard lock is held from the existence check to the insert, so two
-        // creators of one id cannot both record an `execution_created` event.
-        match self.map.entry(execution_id.clone()) {
-            Entry::Occupied(_) => Err(CoreError::AlreadyExists(format!(
-                "execution {execution_id:?} exists already"
-            ))),
-            Entry::Vacant(vacant) => {
-                let created_seq = self.creations.fetch_add(1, Ordering::Relaxed);
-                let (state, event) = model::create(
-                    execution_id.clone(),
-                    workflow_id,
-                    variables,
-                    context,
-                    now,
-                    created_seq,
-                );
-                let state = Arc::new(state);
-                let events = encode(vec![event]);
-                self.ring
-                    .append(&execution_id, 1, now, &actor, &events, &state)?;
-                vacant.insert(Arc::new(ExecSlot {
-                    current: Mutex::new(state.clone()),
-                }));
-                Ok(state)
-            }
-        }
+        let prepared =
+            self.prepare_create(execution_id, workflow_id, variables, context, actor, now)?;
+        self.publish(&prepared, false)?;
+        Ok(prepared.state)
     }
 
     fn prepare_on(
@@ -185,13 +243,7 @@ impl Engine {
             }
         }
         let (next, drafts) = model::apply(current, update, now)?;
-        Ok(Prepared {
-            execution_id: current.execution_id.clone(),
-            base_version: current.version,
-            state: Arc::new(next),
-            events: encode(drafts),
-            actor,
-        })
+        Ok(Prepared::new(next, current.version, drafts, actor))
     }
 
     /// Phase one: check and compute, make nothing visible.
@@ -208,10 +260,20 @@ impl Engine {
         Self::prepare_on(&current, update, expected_version, actor, now)
     }
 
+    fn append(&self, prepared: &Prepared, persisted: bool) -> Result<u64, CoreError> {
+        self.ring.append(
+            &prepared.state,
+            &prepared.actor,
+            &prepared.events,
+            persisted,
+        )
+    }
+
     fn publish_locked(
         &self,
         current: &mut Arc<State>,
         prepared: &Prepared,
+        persisted: bool,
     ) -> Result<u64, CoreError> {
         if current.version != prepared.base_version {
             return Err(CoreError::Conflict {
@@ -220,24 +282,35 @@ impl Engine {
                 actual: current.version,
             });
         }
-        let state = &prepared.state;
-        self.ring.append(
-            &prepared.execution_id,
-            state.version,
-            state.updated_at,
-            &prepared.actor,
-            &prepared.events,
-            state,
-        )?;
-        *current = state.clone();
-        Ok(state.version)
+        self.append(prepared, persisted)?;
+        *current = prepared.state.clone();
+        Ok(prepared.state.version)
     }
 
     /// Phase two: swap the prepared version in, if its base is still current.
-    pub fn publish(&self, prepared: &Prepared) -> Result<u64, CoreError> {
+    /// `persisted` says the write path has stored it already (see `Ring`).
+    pub fn publish(&self, prepared: &Prepared, persisted: bool) -> Result<u64, CoreError> {
+        if prepared.base_version == 0 {
+            self.check_open()?;
+            // The shard lock is held from the existence check to the insert, so two
+            // creators of one id cannot both record an `execution_created` event.
+            return match self.map.entry(prepared.execution_id.clone()) {
+                Entry::Occupied(_) => Err(CoreError::AlreadyExists(format!(
+                    "execution {:?} exists already",
+                    &*prepared.execution_id
+                ))),
+                Entry::Vacant(vacant) => {
+                    self.append(prepared, persisted)?;
+                    vacant.insert(Arc::new(ExecSlot {
+                        current: Mutex::new(prepared.state.clone()),
+                    }));
+                    Ok(1)
+                }
+            };
+        }
         let slot = self.slot(&prepared.execution_id)?;
         let mut current = slot.current.lock();
-        self.publish_locked(&mut current, prepared)
+        self.publish_locked(&mut current, prepared, persisted)
     }
 
     /// Both phases under one lock: the in-memory write path.
@@ -253,7 +326,48 @@ impl Engine {
         let slot = self.slot(execution_id)?;
         let mut current = slot.current.lock();
         let prepared = Self::prepare_on(&current, update, expected_version, actor, now)?;
-        self.publish_locked(&mut current, &prepared)
+        self.publish_locked(&mut current, &prepared, false)
+    }
+
+    /// Put a state loaded from a store into the map (if absent); returns what the map
+    /// holds afterwards. Its earlier events stay in the store.
+    pub fn install(&self, state: State) -> Result<Arc<State>, CoreError> {
+        self.check_open()?;
+        match self.map.entry(state.execution_id.clone()) {
+            Entry::Occupied(occupied) => Ok(occupied.get().current()),
+            Entry::Vacant(vacant) => {
+                let mut state = state;
+                state.created_seq = self.creations.fetch_add(1, Ordering::Relaxed);
+                let state = Arc::new(state);
+                self.ring
+                    .mark_loaded(&state.execution_id, state.version, state.updated_at);
+                vacant.insert(Arc::new(ExecSlot {
+                    current: Mutex::new(state.clone()),
+                }));
+                Ok(state)
+            }
+        }
+    }
+
+    /// Replace an execution's state by a newer one loaded from the store (another
+    /// process wrote since). Refuses to go backwards.
+    pub fn refresh(&self, state: State) -> Result<Arc<State>, CoreError> {
+        let slot = self.slot(&state.execution_id)?;
+        let mut current = slot.current.lock();
+        if state.version > current.version {
+            let mut state = state;
+            state.created_seq = current.created_seq;
+            let state = Arc::new(state);
+            self.ring
+                .mark_loaded(&state.execution_id, state.version, state.updated_at);
+            *current = state;
+        }
+        Ok(current.clone())
+    }
+
+    /// Forget an execution (a store-backed manager evicting a finished one).
+    pub fn forget(&self, execution_id: &str) -> bool {
+        self.map.remove(execution_id).is_some()
     }
 
     pub fn get(&self, execution_id: &str) -> Result<Arc<State>, CoreError> {
@@ -408,8 +522,8 @@ mod tests {
             .unwrap();
         // Nothing is visible before publish.
         assert_eq!(engine.get("e").unwrap().version, 1);
-        assert_eq!(engine.publish(&first).unwrap(), 2);
-        let err = engine.publish(&second).unwrap_err();
+        assert_eq!(engine.publish(&first, false).unwrap(), 2);
+        let err = engine.publish(&second, false).unwrap_err();
         assert_eq!(
             err,
             CoreError::Conflict {

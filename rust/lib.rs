@@ -5,6 +5,7 @@
 //! `engine` (the state map and the two-phase write), `convert` (Python <-> Rust
 //! values, with validation), `py` (the Python classes) and `errors`.
 
+pub mod codec;
 pub mod convert;
 pub mod engine;
 pub mod errors;
@@ -23,7 +24,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod _core {
     #[pymodule_export]
     use crate::py::{
-        bind_types, decode_data, PyCore, PyEventCursor, PyNodeState, PyPreparedUpdate,
-        PyStateEvent, PyWorkflowState,
+        bind_types, decode_data, decode_history, rebuild, PyCore, PyEventCursor, PyNodeState,
+        PyPreparedUpdate, PyStateEvent, PyVersionRecord, PyWorkflowState,
     };
 }

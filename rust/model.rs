@@ -129,6 +129,7 @@ impl NodeStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     ExecutionCreated,
+    ExecutionForked,
     StatusChange,
     NodePending,
     NodeStart,
@@ -143,8 +144,9 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 13] = [
         EventKind::ExecutionCreated,
+        EventKind::ExecutionForked,
         EventKind::StatusChange,
         EventKind::NodePending,
         EventKind::NodeStart,
@@ -161,6 +163,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::ExecutionCreated => "execution_created",
+            EventKind::ExecutionForked => "execution_forked",
             EventKind::StatusChange => "status_change",
             EventKind::NodePending => "node_pending",
             EventKind::NodeStart => "node_start",
@@ -222,6 +225,8 @@ pub struct State {
     pub error_count: u64,
     /// Global order of creation, for listing executions in creation order.
     pub created_seq: u64,
+    /// The execution and version this one was forked from.
+    pub forked_from: Option<(Arc<str>, u64)>,
 }
 
 /// A parsed, validated update. `None` means the field was not given.
@@ -332,6 +337,7 @@ pub fn create(
         updated_at: now,
         error_count: 0,
         created_seq,
+        forked_from: None,
     };
     let event = EventDraft {
         kind: EventKind::ExecutionCreated,
@@ -339,6 +345,80 @@ pub fn create(
         data: Value::Object(data),
     };
     (state, event)
+}
+
+/// A new execution that starts, running, from `source` (any version of another one).
+///
+/// Its `execution_created` event carries the whole starting state and the link back,
+/// so that replaying it alone rebuilds version 1.
+pub fn fork(
+    source: &State,
+    execution_id: Arc<str>,
+    now: i64,
+    created_seq: u64,
+) -> (State, EventDraft) {
+    let mut data = Map::with_capacity(6);
+    data.insert(
+        "workflow_id".into(),
+        Value::String(source.workflow_id.to_string()),
+    );
+    data.insert("variables".into(), json_map_to_value(&source.variables));
+    data.insert("context".into(), json_map_to_value(&source.context));
+    data.insert("nodes".into(), crate::codec::nodes_to_value(&source.nodes));
+    data.insert("current_node".into(), opt_str(&source.current_node));
+    let mut link = Map::with_capacity(2);
+    link.insert(
+        "execution_id".into(),
+        Value::String(source.execution_id.to_string()),
+    );
+    link.insert("version".into(), source.version.into());
+    data.insert("forked_from".into(), Value::Object(link));
+    let state = State {
+        execution_id,
+        workflow_id: source.workflow_id.clone(),
+        status: ExecStatus::Running,
+        current_node: source.current_node.clone(),
+        nodes: source.nodes.clone(),
+        variables: source.variables.clone(),
+        context: source.context.clone(),
+        version: 1,
+        created_at: now,
+        updated_at: now,
+        error_count: 0,
+        created_seq,
+        forked_from: Some((source.execution_id.clone(), source.version)),
+    };
+    let event = EventDraft {
+        kind: EventKind::ExecutionCreated,
+        node_id: None,
+        data: Value::Object(data),
+    };
+    (state, event)
+}
+
+/// The source's side of a fork: a version that records the link and changes nothing
+/// else. Allowed in every status, final ones included.
+pub fn record_fork(
+    current: &State,
+    forked_version: u64,
+    new_execution_id: &str,
+    now: i64,
+) -> (State, EventDraft) {
+    let mut next = current.clone();
+    next.version = current.version + 1;
+    next.updated_at = now.max(current.updated_at);
+    let mut data = Map::with_capacity(2);
+    data.insert(
+        "execution_id".into(),
+        Value::String(new_execution_id.to_string()),
+    );
+    data.insert("from_version".into(), forked_version.into());
+    let event = EventDraft {
+        kind: EventKind::ExecutionForked,
+        node_id: None,
+        data: Value::Object(data),
+    };
+    (next, event)
 }
 
 /// Check `update` against `current` and compute the next version and its events.

@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyType};
 
+use crate::codec;
 use crate::convert::{
     self, datetime_from_micros, event_kind, id_str, json_entries, json_to_py, opt_count,
     opt_datetime, opt_id, parse_update, types, BoundTypes, TYPES,
 };
 use crate::engine::{decode_value, now_micros, Engine, Prepared};
 use crate::errors::CoreError;
-use crate::model::{self, EventKind, ExecStatus, NodeStatus, State};
+use crate::model::{self, EventKind, ExecStatus, JsonEntries, NodeStatus, State};
 use crate::ring::{Event, HistoryFilter, Ring};
 
 /// Python's repr of an optional string, for `__repr__`.
@@ -203,6 +204,15 @@ impl PyWorkflowState {
     #[getter]
     fn version(&self) -> u64 {
         self.state.version
+    }
+
+    /// `(execution_id, version)` this execution was forked from, or None.
+    #[getter]
+    fn forked_from(&self) -> Option<(String, u64)> {
+        self.state
+            .forked_from
+            .as_ref()
+            .map(|(id, version)| (id.to_string(), *version))
     }
 
     #[getter]
@@ -395,6 +405,21 @@ impl PyPreparedUpdate {
         }
     }
 
+    /// What a store writes for this version.
+    fn record(&self) -> PyVersionRecord {
+        let prepared = &self.prepared;
+        PyVersionRecord::new(
+            prepared.state.clone(),
+            prepared.base_version,
+            prepared.actor.clone(),
+            prepared
+                .events
+                .iter()
+                .map(|e| (e.kind, e.node_id.clone(), &*e.data)),
+            0,
+        )
+    }
+
     /// The events the update will record; their `seq` is 0 until published.
     #[getter]
     fn events(&self, py: Python<'_>) -> PyResult<Vec<Py<PyStateEvent>>> {
@@ -492,6 +517,60 @@ impl PyEventCursor {
         events_to_py(py, events)
     }
 
+    /// The next whole versions, as store records, leaving out those the write path
+    /// stored already; `commit()` once they are stored.
+    #[pyo3(signature = (max_events = 1000, timeout = None))]
+    fn read_records(
+        &self,
+        py: Python<'_>,
+        max_events: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<PyVersionRecord>> {
+        let id = self.open_id()?;
+        let deadline = timeout.map(|t| deadline_after(t, "timeout")).transpose()?;
+        let ring = &self.ring;
+        let records = py.detach(|| -> Result<Vec<PyVersionRecord>, CoreError> {
+            let slots = ring.read_slots(id, max_events, deadline)?;
+            let mut records = Vec::new();
+            let mut start = 0;
+            while start < slots.len() {
+                let first = &slots[start].event;
+                let mut end = start + 1;
+                while end < slots.len()
+                    && slots[end].event.version == first.version
+                    && slots[end].event.execution_id == first.execution_id
+                {
+                    end += 1;
+                }
+                let group = &slots[start..end];
+                if !group.iter().all(|slot| slot.persisted) {
+                    let state = group[0].state.clone();
+                    let base = if first.kind == EventKind::ExecutionCreated {
+                        0
+                    } else {
+                        first.version - 1
+                    };
+                    records.push(PyVersionRecord::new(
+                        state,
+                        base,
+                        first.actor.clone(),
+                        group.iter().map(|slot| {
+                            (
+                                slot.event.kind,
+                                slot.event.node_id.clone(),
+                                &*slot.event.data,
+                            )
+                        }),
+                        group[end - start - 1].event.seq,
+                    ));
+                }
+                start = end;
+            }
+            Ok(records)
+        })?;
+        Ok(records)
+    }
+
     /// Mark events up to `seq` (default: all read so far) as taken.
     #[pyo3(signature = (seq = None))]
     fn commit(&self, seq: Option<u64>) -> PyResult<()> {
@@ -568,6 +647,70 @@ impl PyCore {
     }
 }
 
+type CreationArgs = (
+    Arc<str>,
+    Arc<str>,
+    JsonEntries,
+    JsonEntries,
+    Option<Arc<str>>,
+);
+
+impl PyCore {
+    fn creation_args(
+        &self,
+        execution_id: Option<&Bound<'_, PyAny>>,
+        workflow_id: &Bound<'_, PyAny>,
+        variables: Option<&Bound<'_, PyAny>>,
+        context: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> Result<CreationArgs, CoreError> {
+        let execution_id = new_id(execution_id)?;
+        let workflow_id: Arc<str> = Arc::from(id_str(workflow_id, "workflow_id")?);
+        let mut size = 0;
+        let variables = json_entries(variables, "variables", &mut size)?.unwrap_or_default();
+        let context = json_entries(context, "context", &mut size)?.unwrap_or_default();
+        convert::check_size(size, self.max_update_bytes)?;
+        let actor = opt_id(actor, "actor")?;
+        Ok((execution_id, workflow_id, variables, context, actor))
+    }
+}
+
+fn history_filter(
+    since_us: Option<i64>,
+    until_us: Option<i64>,
+    types: Option<&Bound<'_, PyAny>>,
+    node_id: Option<&Bound<'_, PyAny>>,
+    after_version: Option<&Bound<'_, PyAny>>,
+    limit: Option<&Bound<'_, PyAny>>,
+) -> PyResult<HistoryFilter> {
+    let kinds = match types.filter(|t| !t.is_none()) {
+        None => None,
+        Some(types) => {
+            let mut kinds = [false; EventKind::ALL.len()];
+            for kind in types.try_iter()? {
+                kinds[event_kind(&kind?)?.index()] = true;
+            }
+            Some(kinds)
+        }
+    };
+    Ok(HistoryFilter {
+        since: since_us,
+        until: until_us,
+        kinds,
+        node_id: opt_id(node_id, "node_id")?.map(|n| n.to_string()),
+        after_version: opt_count(after_version, "after_version")?,
+        limit: opt_count(limit, "limit")?.map(|l| l as usize),
+    })
+}
+
+/// The given execution id, or a new time-ordered UUIDv7 when None.
+fn new_id(execution_id: Option<&Bound<'_, PyAny>>) -> Result<Arc<str>, CoreError> {
+    Ok(match execution_id.filter(|v| !v.is_none()) {
+        Some(id) => Arc::from(id_str(id, "execution_id")?),
+        None => Arc::from(uuid::Uuid::now_v7().to_string()),
+    })
+}
+
 fn expected(value: Option<&Bound<'_, PyAny>>) -> Result<Option<u64>, CoreError> {
     let expected = opt_count(value, "expected_version")?;
     if expected == Some(0) {
@@ -610,16 +753,8 @@ impl PyCore {
         context: Option<&Bound<'_, PyAny>>,
         actor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyWorkflowState> {
-        let execution_id: Arc<str> = match execution_id.filter(|v| !v.is_none()) {
-            Some(id) => Arc::from(id_str(id, "execution_id")?),
-            None => Arc::from(uuid::Uuid::now_v7().to_string()),
-        };
-        let workflow_id: Arc<str> = Arc::from(id_str(workflow_id, "workflow_id")?);
-        let mut size = 0;
-        let variables = json_entries(variables, "variables", &mut size)?.unwrap_or_default();
-        let context = json_entries(context, "context", &mut size)?.unwrap_or_default();
-        convert::check_size(size, self.max_update_bytes)?;
-        let actor = opt_id(actor, "actor")?;
+        let (execution_id, workflow_id, variables, context, actor) =
+            self.creation_args(execution_id, workflow_id, variables, context, actor)?;
         let state = self.with_room(py, || {
             self.engine.create(
                 execution_id.clone(),
@@ -676,8 +811,91 @@ impl PyCore {
         Ok(PyPreparedUpdate { prepared })
     }
 
-    fn publish(&self, py: Python<'_>, prepared: &PyPreparedUpdate) -> PyResult<u64> {
-        self.with_room(py, || self.engine.publish(&prepared.prepared))
+    #[pyo3(signature = (prepared, *, persisted = true))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        prepared: &PyPreparedUpdate,
+        persisted: bool,
+    ) -> PyResult<u64> {
+        self.with_room(py, || self.engine.publish(&prepared.prepared, persisted))
+    }
+
+    #[pyo3(signature = (execution_id, workflow_id, variables = None, context = None, actor = None))]
+    fn prepare_create(
+        &self,
+        execution_id: Option<&Bound<'_, PyAny>>,
+        workflow_id: &Bound<'_, PyAny>,
+        variables: Option<&Bound<'_, PyAny>>,
+        context: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyPreparedUpdate> {
+        let (execution_id, workflow_id, variables, context, actor) =
+            self.creation_args(execution_id, workflow_id, variables, context, actor)?;
+        let prepared = self.engine.prepare_create(
+            execution_id,
+            workflow_id,
+            variables,
+            context,
+            actor,
+            now_micros(),
+        )?;
+        Ok(PyPreparedUpdate { prepared })
+    }
+
+    #[pyo3(signature = (source, new_execution_id = None, actor = None))]
+    fn prepare_fork(
+        &self,
+        source: &PyWorkflowState,
+        new_execution_id: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyPreparedUpdate> {
+        let execution_id = new_id(new_execution_id)?;
+        let actor = opt_id(actor, "actor")?;
+        let prepared =
+            self.engine
+                .prepare_fork(&source.state, execution_id, actor, now_micros())?;
+        Ok(PyPreparedUpdate { prepared })
+    }
+
+    #[pyo3(signature = (execution_id, forked_version, new_execution_id, actor = None))]
+    fn prepare_fork_link(
+        &self,
+        execution_id: &Bound<'_, PyAny>,
+        forked_version: u64,
+        new_execution_id: &Bound<'_, PyAny>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyPreparedUpdate> {
+        let execution_id = id_str(execution_id, "execution_id")?;
+        let new_execution_id = id_str(new_execution_id, "new_execution_id")?;
+        let actor = opt_id(actor, "actor")?;
+        let prepared = self.engine.prepare_fork_link(
+            execution_id,
+            forked_version,
+            new_execution_id,
+            actor,
+            now_micros(),
+        )?;
+        Ok(PyPreparedUpdate { prepared })
+    }
+
+    /// Put a state loaded from a store into the map, unless one is there already.
+    fn install(&self, state: &PyWorkflowState) -> PyResult<PyWorkflowState> {
+        Ok(PyWorkflowState {
+            state: self.engine.install(State::clone(&state.state))?,
+        })
+    }
+
+    /// Move an execution forward to a newer state loaded from the store.
+    fn refresh(&self, state: &PyWorkflowState) -> PyResult<PyWorkflowState> {
+        Ok(PyWorkflowState {
+            state: self.engine.refresh(State::clone(&state.state))?,
+        })
+    }
+
+    /// Drop an execution from memory (the store keeps it).
+    fn forget(&self, execution_id: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self.engine.forget(id_str(execution_id, "execution_id")?))
     }
 
     fn get(&self, execution_id: &Bound<'_, PyAny>) -> PyResult<PyWorkflowState> {
@@ -713,24 +931,7 @@ impl PyCore {
         limit: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(Vec<Py<PyStateEvent>>, u64)> {
         let execution_id = id_str(execution_id, "execution_id")?;
-        let kinds = match types.filter(|t| !t.is_none()) {
-            None => None,
-            Some(types) => {
-                let mut kinds = [false; EventKind::ALL.len()];
-                for kind in types.try_iter()? {
-                    kinds[event_kind(&kind?)?.index()] = true;
-                }
-                Some(kinds)
-            }
-        };
-        let filter = HistoryFilter {
-            since: since_us,
-            until: until_us,
-            kinds,
-            node_id: opt_id(node_id, "node_id")?.map(|n| n.to_string()),
-            after_version: opt_count(after_version, "after_version")?,
-            limit: opt_count(limit, "limit")?.map(|l| l as usize),
-        };
+        let filter = history_filter(since_us, until_us, types, node_id, after_version, limit)?;
         let (events, error_count) = py.detach(|| self.engine.history(execution_id, &filter))?;
         Ok((events_to_py(py, events)?, error_count))
     }
@@ -806,6 +1007,154 @@ impl PyCore {
     }
 }
 
+// -- VersionRecord -------------------------------------------------------------------
+
+/// One version as a store writes it: the row of the execution and its delta.
+#[pyclass(frozen, module = "wfstate._core", name = "VersionRecord")]
+pub struct PyVersionRecord {
+    state: Arc<State>,
+    base_version: u64,
+    actor: Option<Arc<str>>,
+    delta: Vec<u8>,
+    event_types: Vec<EventKind>,
+    node_ids: Vec<Arc<str>>,
+    last_seq: u64,
+}
+
+impl PyVersionRecord {
+    fn new<'a>(
+        state: Arc<State>,
+        base_version: u64,
+        actor: Option<Arc<str>>,
+        events: impl Iterator<Item = (EventKind, Option<Arc<str>>, &'a [u8])>,
+        last_seq: u64,
+    ) -> Self {
+        let events: Vec<crate::ring::PendingEvent> = events
+            .map(|(kind, node_id, data)| crate::ring::PendingEvent {
+                kind,
+                node_id,
+                data: data.into(),
+            })
+            .collect();
+        let mut node_ids: Vec<Arc<str>> = Vec::new();
+        for node_id in events.iter().filter_map(|e| e.node_id.as_ref()) {
+            if !node_ids.contains(node_id) {
+                node_ids.push(node_id.clone());
+            }
+        }
+        PyVersionRecord {
+            base_version,
+            actor,
+            delta: codec::encode_delta(&events),
+            event_types: events.iter().map(|e| e.kind).collect(),
+            node_ids,
+            last_seq,
+            state,
+        }
+    }
+}
+
+#[pymethods]
+impl PyVersionRecord {
+    #[getter]
+    fn execution_id(&self) -> &str {
+        &self.state.execution_id
+    }
+
+    #[getter]
+    fn workflow_id(&self) -> &str {
+        &self.state.workflow_id
+    }
+
+    #[getter]
+    fn version(&self) -> u64 {
+        self.state.version
+    }
+
+    /// The version this one was computed from; 0 for a creation.
+    #[getter]
+    fn base_version(&self) -> u64 {
+        self.base_version
+    }
+
+    /// The execution status after this version, as its string value.
+    #[getter]
+    fn status(&self) -> &'static str {
+        self.state.status.as_str()
+    }
+
+    #[getter]
+    fn created_at_us(&self) -> i64 {
+        self.state.created_at
+    }
+
+    #[getter]
+    fn updated_at_us(&self) -> i64 {
+        self.state.updated_at
+    }
+
+    #[getter]
+    fn actor(&self) -> Option<&str> {
+        self.actor.as_deref()
+    }
+
+    /// The version's events, encoded (MessagePack).
+    #[getter]
+    fn delta<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.delta)
+    }
+
+    #[getter]
+    fn event_types(&self) -> Vec<&'static str> {
+        self.event_types.iter().map(|k| k.as_str()).collect()
+    }
+
+    /// The distinct nodes the version's events are about.
+    #[getter]
+    fn node_ids(&self) -> Vec<String> {
+        self.node_ids.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// The ring sequence number of the version's last event (0 before publish).
+    #[getter]
+    fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    #[getter]
+    fn forked_from(&self) -> Option<(String, u64)> {
+        self.state
+            .forked_from
+            .as_ref()
+            .map(|(id, version)| (id.to_string(), *version))
+    }
+
+    /// The state after this version.
+    #[getter]
+    fn state(&self) -> PyWorkflowState {
+        PyWorkflowState {
+            state: self.state.clone(),
+        }
+    }
+
+    /// The state after this version as snapshot bytes (encoded on each call).
+    fn snapshot<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let state = self.state.clone();
+        let bytes = py.detach(|| codec::encode_snapshot(&state));
+        PyBytes::new(py, &bytes)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "VersionRecord(execution_id={:?}, version={}, base_version={}, events={})",
+            &*self.state.execution_id,
+            self.state.version,
+            self.base_version,
+            self.event_types.len()
+        )
+    }
+}
+
 // -- module functions ----------------------------------------------------------------
 
 fn enum_members(enum_type: &Bound<'_, PyType>, values: &[&str]) -> PyResult<Vec<Py<PyAny>>> {
@@ -845,4 +1194,87 @@ pub fn bind_types(
 #[pyfunction]
 pub fn decode_data<'py>(py: Python<'py>, encoded: &[u8]) -> PyResult<Bound<'py, PyAny>> {
     json_to_py(py, &decode_value(encoded)?)
+}
+
+/// Rebuild a state from its latest snapshot at or below the wanted version (or None)
+/// and the deltas after it, as `(version, recorded_at_us, delta)` in version order.
+#[pyfunction]
+#[pyo3(signature = (execution_id, snapshot, deltas))]
+pub fn rebuild(
+    py: Python<'_>,
+    execution_id: &Bound<'_, PyAny>,
+    snapshot: Option<&[u8]>,
+    deltas: Vec<(u64, i64, Vec<u8>)>,
+) -> PyResult<PyWorkflowState> {
+    let execution_id: Arc<str> = Arc::from(id_str(execution_id, "execution_id")?);
+    let snapshot = snapshot.map(<[u8]>::to_vec);
+    let state = py.detach(|| -> Result<State, CoreError> {
+        let mut state = snapshot
+            .map(|s| codec::decode_snapshot(&s, 0))
+            .transpose()?;
+        for (version, timestamp, delta) in &deltas {
+            let events = codec::decode_delta(delta)?;
+            state = Some(codec::replay_version(
+                state,
+                &execution_id,
+                *version,
+                *timestamp,
+                &events,
+                0,
+            )?);
+        }
+        state.ok_or_else(|| {
+            CoreError::NotFound(format!("no stored version of execution {execution_id:?}"))
+        })
+    })?;
+    Ok(PyWorkflowState {
+        state: Arc::new(state),
+    })
+}
+
+/// Stored deltas, as `(version, recorded_at_us, actor, delta)`, back into events
+/// (`seq` 0: the ring order is not stored), filtered like `Core.history`.
+#[pyfunction]
+#[pyo3(signature = (execution_id, deltas, since_us = None, until_us = None, types = None, node_id = None, after_version = None, limit = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_history(
+    py: Python<'_>,
+    execution_id: &Bound<'_, PyAny>,
+    deltas: Vec<(u64, i64, Option<String>, Vec<u8>)>,
+    since_us: Option<i64>,
+    until_us: Option<i64>,
+    types: Option<&Bound<'_, PyAny>>,
+    node_id: Option<&Bound<'_, PyAny>>,
+    after_version: Option<&Bound<'_, PyAny>>,
+    limit: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<Py<PyStateEvent>>> {
+    let execution_id: Arc<str> = Arc::from(id_str(execution_id, "execution_id")?);
+    let filter = history_filter(since_us, until_us, types, node_id, after_version, limit)?;
+    let events = py.detach(|| -> Result<Vec<Arc<Event>>, CoreError> {
+        let mut events = Vec::new();
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        for (version, timestamp, actor, delta) in deltas {
+            let actor: Option<Arc<str>> = actor.map(Arc::from);
+            for (kind, node_id, data) in codec::decode_delta(&delta)? {
+                if events.len() >= limit {
+                    return Ok(events);
+                }
+                let event = Event {
+                    seq: 0,
+                    execution_id: execution_id.clone(),
+                    version,
+                    timestamp,
+                    kind,
+                    node_id,
+                    actor: actor.clone(),
+                    data: crate::engine::encode_value(&data),
+                };
+                if filter.matches(&event) {
+                    events.push(Arc::new(event));
+                }
+            }
+        }
+        Ok(events)
+    })?;
+    events_to_py(py, events)
 }

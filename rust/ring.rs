@@ -48,6 +48,17 @@ struct Slot {
     event: Arc<Event>,
     /// The state right after `event.version` was written.
     state: Arc<State>,
+    /// Already committed to the store by the write path (sync writes): the
+    /// write-behind flusher passes over it.
+    persisted: bool,
+}
+
+/// One event as a durable reader sees it: with its version's state and whether the
+/// write path has stored it already.
+pub struct ReadSlot {
+    pub event: Arc<Event>,
+    pub state: Arc<State>,
+    pub persisted: bool,
 }
 
 #[derive(Default)]
@@ -97,7 +108,7 @@ pub struct HistoryFilter {
 }
 
 impl HistoryFilter {
-    fn matches(&self, event: &Event) -> bool {
+    pub fn matches(&self, event: &Event) -> bool {
         self.since.is_none_or(|since| event.timestamp >= since)
             && self.until.is_none_or(|until| event.timestamp < until)
             && self.kinds.is_none_or(|kinds| kinds[event.kind.index()])
@@ -157,15 +168,17 @@ impl Ring {
     }
 
     /// Append one version's events, all or nothing. Returns the first sequence number.
+    /// Append one version's events (the version and time are the state's), all or
+    /// nothing. Returns the first sequence number.
     pub fn append(
         &self,
-        execution_id: &Arc<str>,
-        version: u64,
-        timestamp: i64,
+        state: &Arc<State>,
         actor: &Option<Arc<str>>,
         events: &[PendingEvent],
-        state: &Arc<State>,
+        persisted: bool,
     ) -> Result<u64, CoreError> {
+        let execution_id = &state.execution_id;
+        let (version, timestamp) = (state.version, state.updated_at);
         let needed = events.len();
         if needed > self.capacity {
             return Err(CoreError::Validation(format!(
@@ -198,6 +211,7 @@ impl Ring {
                     data: pending.data.clone(),
                 }),
                 state: state.clone(),
+                persisted,
             });
         }
         if !inner.cursors.is_empty() {
@@ -317,6 +331,34 @@ impl Ring {
         max_events: usize,
         deadline: Option<Instant>,
     ) -> Result<Vec<Arc<Event>>, CoreError> {
+        self.read_with(cursor, max_events, deadline, false, |slot| {
+            slot.event.clone()
+        })
+    }
+
+    /// Like `read`, for durable readers: whole versions only (the last one is completed
+    /// past `max_events` if needed), each event with its state.
+    pub fn read_slots(
+        &self,
+        cursor: u64,
+        max_events: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<ReadSlot>, CoreError> {
+        self.read_with(cursor, max_events, deadline, true, |slot| ReadSlot {
+            event: slot.event.clone(),
+            state: slot.state.clone(),
+            persisted: slot.persisted,
+        })
+    }
+
+    fn read_with<T>(
+        &self,
+        cursor: u64,
+        max_events: usize,
+        deadline: Option<Instant>,
+        whole_versions: bool,
+        take: impl Fn(&Slot) -> T,
+    ) -> Result<Vec<T>, CoreError> {
         let mut inner = self.inner.lock();
         loop {
             let first_seq = inner.first_seq;
@@ -328,14 +370,21 @@ impl Ring {
                 pos.missed += first_seq - pos.position;
                 pos.position = first_seq;
             }
-            if pos.position < next_seq || closed {
-                let start = pos.position;
-                let end = next_seq.min(start.saturating_add(max_events as u64));
-                pos.position = end;
-                let events = (start..end)
-                    .map(|seq| inner.slot(seq).event.clone())
-                    .collect();
-                return Ok(events);
+            let start = pos.position;
+            if start < next_seq || closed {
+                let mut end = next_seq.min(start.saturating_add(max_events.max(1) as u64));
+                if whole_versions {
+                    while end < next_seq && end > start {
+                        let last = &inner.slot(end - 1).event;
+                        let next = &inner.slot(end).event;
+                        if next.version != last.version || next.execution_id != last.execution_id {
+                            break;
+                        }
+                        end += 1;
+                    }
+                }
+                inner.cursor_mut(cursor)?.position = end;
+                return Ok((start..end).map(|seq| take(inner.slot(seq))).collect());
             }
             match deadline {
                 Some(deadline) => {
@@ -345,6 +394,17 @@ impl Ring {
                 }
                 None => return Ok(Vec::new()),
             }
+        }
+    }
+
+    /// Record that `execution_id` was loaded from a store at `version`: its earlier
+    /// events are not in the ring, and queries for them must go to the store.
+    pub fn mark_loaded(&self, execution_id: &Arc<str>, version: u64, timestamp: i64) {
+        let mut inner = self.inner.lock();
+        let index = inner.index.entry(execution_id.clone()).or_default();
+        if index.evicted_version < version {
+            index.evicted_version = version;
+            index.evicted_until = index.evicted_until.max(timestamp);
         }
     }
 
@@ -462,15 +522,12 @@ mod tests {
     #[test]
     fn evicts_oldest_without_durable_readers_and_answers_past_versions() {
         let ring = Ring::new(16).unwrap();
-        let id: Arc<str> = "e".into();
         for version in 1..=20 {
             ring.append(
-                &id,
-                version,
-                version as i64,
+                &state("e", version),
                 &None,
                 &one(EventKind::StatusChange),
-                &state("e", version),
+                false,
             )
             .unwrap();
         }
@@ -500,27 +557,17 @@ mod tests {
     #[test]
     fn durable_cursor_blocks_eviction_until_commit() {
         let ring = Ring::new(16).unwrap();
-        let id: Arc<str> = "e".into();
         let cursor = ring.open_cursor(true, false).unwrap();
         for version in 1..=16 {
             ring.append(
-                &id,
-                version,
-                0,
+                &state("e", version),
                 &None,
                 &one(EventKind::StatusChange),
-                &state("e", version),
+                false,
             )
             .unwrap();
         }
-        let full = ring.append(
-            &id,
-            17,
-            0,
-            &None,
-            &one(EventKind::StatusChange),
-            &state("e", 17),
-        );
+        let full = ring.append(&state("e", 17), &None, &one(EventKind::StatusChange), false);
         assert_eq!(full, Err(CoreError::RingFull { needed: 1 }));
         assert_eq!(ring.stats().len, 16);
         let events = ring.read(cursor, 4, None).unwrap();
@@ -540,16 +587,13 @@ mod tests {
     #[test]
     fn live_cursor_counts_missed_events() {
         let ring = Ring::new(16).unwrap();
-        let id: Arc<str> = "e".into();
         let cursor = ring.open_cursor(false, false).unwrap();
         for version in 1..=40 {
             ring.append(
-                &id,
-                version,
-                0,
+                &state("e", version),
                 &None,
                 &one(EventKind::StatusChange),
-                &state("e", version),
+                false,
             )
             .unwrap();
         }
@@ -562,16 +606,13 @@ mod tests {
     #[test]
     fn blocked_writer_proceeds_when_the_reader_commits() {
         let ring = Arc::new(Ring::new(16).unwrap());
-        let id: Arc<str> = "e".into();
         let cursor = ring.open_cursor(true, false).unwrap();
         for version in 1..=16 {
             ring.append(
-                &id,
-                version,
-                0,
+                &state("e", version),
                 &None,
                 &one(EventKind::StatusChange),
-                &state("e", version),
+                false,
             )
             .unwrap();
         }

@@ -89,6 +89,7 @@ class EventType(enum.StrEnum):
     """The kind of a history event. One update emits one event per change."""
 
     EXECUTION_CREATED = "execution_created"
+    EXECUTION_FORKED = "execution_forked"
     STATUS_CHANGE = "status_change"
     NODE_PENDING = "node_pending"
     NODE_START = "node_start"
