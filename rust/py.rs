@@ -206,6 +206,12 @@ impl PyWorkflowState {
         self.state.version
     }
 
+    /// Error events ever recorded for this execution.
+    #[getter]
+    fn error_count(&self) -> u64 {
+        self.state.error_count
+    }
+
     /// `(execution_id, version)` this execution was forked from, or None.
     #[getter]
     fn forked_from(&self) -> Option<(String, u64)> {

@@ -8,7 +8,7 @@ is the typed Python API over it. Start with :class:`StateManager`.
 from __future__ import annotations
 
 from wfstate import _core, _model
-from wfstate._core import EventCursor, NodeState, StateEvent, WorkflowState
+from wfstate._core import EventCursor, NodeState, StateEvent, VersionRecord, WorkflowState
 from wfstate._model import (
     UNSET,
     EventType,
@@ -28,10 +28,11 @@ from wfstate.errors import (
     HistoryEvictedError,
     InvalidTransitionError,
     NotFoundError,
+    StoreUnavailableError,
     ValidationError,
     WfstateError,
 )
-from wfstate.manager import StateManager, UpdateFn
+from wfstate.manager import Durability, SnapshotPolicy, StateManager, UpdateFn
 
 _core.bind_types(ExecutionStatus, NodeStatus, EventType, StateUpdate, _model._exception_to_error)
 
@@ -43,6 +44,7 @@ __all__ = [
     "BackpressureError",
     "ClosedError",
     "ConflictError",
+    "Durability",
     "EventCursor",
     "EventType",
     "ExecutionHistory",
@@ -55,11 +57,14 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "NotFoundError",
+    "SnapshotPolicy",
     "StateEvent",
     "StateManager",
     "StateUpdate",
+    "StoreUnavailableError",
     "UpdateFn",
     "ValidationError",
+    "VersionRecord",
     "WfstateError",
     "WorkflowState",
     "__version__",

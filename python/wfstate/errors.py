@@ -18,6 +18,7 @@ __all__ = [
     "HistoryEvictedError",
     "InvalidTransitionError",
     "NotFoundError",
+    "StoreUnavailableError",
     "ValidationError",
     "WfstateError",
 ]
@@ -92,3 +93,22 @@ class BackpressureError(WfstateError):
 
 class ClosedError(WfstateError):
     """The StateManager (or event cursor) was closed."""
+
+
+class StoreUnavailableError(WfstateError):
+    """The durable store could not be reached, or failed, for this call.
+
+    ``target`` names the store (its URL without a password). In sync mode the update
+    was not applied, in memory or in the store; retry it once the store is back.
+    """
+
+    def __init__(self, message: str, *, target: str = "") -> None:
+        super().__init__(message)
+        self.target = target
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_store_unavailable, (str(self), self.target))
+
+
+def _store_unavailable(message: str, target: str) -> StoreUnavailableError:
+    return StoreUnavailableError(message, target=target)

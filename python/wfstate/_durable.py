@@ -1,0 +1,354 @@
+"""The machinery between the Rust core and a durable store.
+
+- ``SnapshotPolicy`` and ``SnapshotTracker`` decide which versions carry a snapshot.
+- ``GroupCommitter`` is the sync write path: callers hand it their version records
+  and block; whoever arrives while no write is in flight leads, writing every
+  record queued so far in one transaction (one disk flush for many callers), then
+  hands the lead to the next waiter. Each caller gets its own outcome.
+- ``Flusher`` is the async write-behind path: a thread that reads whole versions
+  from a durable ring cursor, writes them in batches and only then commits the
+  cursor, so an event never leaves the ring before it is stored. It retries with
+  backoff while the store is away and reports its lag.
+
+Nothing here holds a lock while calling into the store, except the flusher's own
+thread, which is the only one touching its cursor.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from wfstate import _core
+from wfstate._core import VersionRecord
+from wfstate.errors import StoreUnavailableError, ValidationError, WfstateError
+from wfstate.store.base import LoadedExecution, Store, WriteItem
+
+__all__ = [
+    "CRITICAL_CHOICES",
+    "DEFAULT_CRITICAL",
+    "Flusher",
+    "GroupCommitter",
+    "SnapshotPolicy",
+    "SnapshotTracker",
+]
+
+_FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
+
+#: What may make an update critical (written synchronously even in async mode).
+CRITICAL_CHOICES: Final = frozenset({"status", "node_failed", "error", "nodes", "all"})
+#: The default: execution status changes and node failures.
+DEFAULT_CRITICAL: Final = ("status", "node_failed")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotPolicy:
+    """When a version is stored with a whole-state snapshot (bounding replay).
+
+    A snapshot is written when any rule fires: ``every_versions`` versions since
+    the last one; the deltas since the last one outweigh one snapshot
+    (``when_deltas_outweigh``; before the first snapshot the creation's delta
+    stands for its size); and at every final status (``at_final_status``).
+    """
+
+    every_versions: int | None = 100
+    when_deltas_outweigh: bool = True
+    at_final_status: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every_versions is not None and (
+            not isinstance(self.every_versions, int) or self.every_versions < 1
+        ):
+            raise ValidationError(
+                f"every_versions must be a positive int or None, not {self.every_versions!r}"
+            )
+
+
+class SnapshotTracker:
+    """Per execution: the last snapshot's version and size, and the delta bytes since."""
+
+    __slots__ = ("_lock", "_policy", "_tracked")
+
+    def __init__(self, policy: SnapshotPolicy) -> None:
+        self._policy = policy
+        self._lock = threading.Lock()
+        # execution id -> [last snapshot version, delta bytes since, snapshot size]
+        self._tracked: dict[str, list[int]] = {}
+
+    def seed(self, loaded: LoadedExecution) -> None:
+        """Start tracking an execution loaded from the store."""
+        size = 0 if loaded.snapshot is None else len(loaded.snapshot)
+        if loaded.snapshot is None and loaded.deltas:
+            size = len(loaded.deltas[0][2])
+        with self._lock:
+            self._tracked[loaded.execution_id] = [loaded.snapshot_version, loaded.delta_bytes, size]
+
+    def decide(self, record: VersionRecord) -> WriteItem:
+        """The write item for ``record``, with a snapshot when the policy says so."""
+        policy = self._policy
+        delta_size = len(record.delta)
+        with self._lock:
+            tracked = self._tracked.get(record.execution_id)
+            if tracked is None or record.base_version == 0:
+                # A creation's delta holds the whole initial state: it is the baseline.
+                self._tracked[record.execution_id] = [record.version, 0, delta_size]
+                return WriteItem(record)
+            tracked[1] += delta_size
+            wanted = (
+                (policy.at_final_status and record.status in _FINAL_STATUSES)
+                or (
+                    policy.every_versions is not None
+                    and record.version - tracked[0] >= policy.every_versions
+                )
+                or (policy.when_deltas_outweigh and tracked[1] >= tracked[2])
+            )
+            if not wanted:
+                return WriteItem(record)
+            tracked[0] = record.version
+            tracked[1] = 0
+        snapshot = record.snapshot()
+        with self._lock:
+            tracked[2] = len(snapshot)
+        return WriteItem(record, snapshot)
+
+    def forget(self, execution_id: str) -> None:
+        with self._lock:
+            self._tracked.pop(execution_id, None)
+
+
+class _Pending:
+    __slots__ = ("error", "finished", "items", "outcomes", "wake")
+
+    def __init__(self, items: Sequence[WriteItem]) -> None:
+        self.items = items
+        self.outcomes: list[WfstateError | None] = []
+        self.error: BaseException | None = None
+        self.finished = False
+        self.wake = threading.Event()
+
+
+class GroupCommitter:
+    """Sync writes of many threads, committed together (see the module docs)."""
+
+    __slots__ = ("_batches", "_busy", "_lock", "_max_batch", "_queue", "_store", "_writes")
+
+    def __init__(self, store: Store, *, max_batch: int) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._busy = False
+        self._batches = 0
+        self._writes = 0
+
+    def commit(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
+        """Write ``items`` (all of one caller) durably; one outcome per item.
+
+        Raises ``StoreUnavailableError`` when the transaction carrying them failed.
+        """
+        pending = _Pending(items)
+        with self._lock:
+            self._queue.append(pending)
+            lead = not self._busy
+            if lead:
+                self._busy = True
+        while not lead:
+            pending.wake.wait()
+            if pending.finished:
+                break
+            # The previous leader handed us the lead: our items head the queue.
+            pending.wake.clear()
+            lead = True
+        if not pending.finished:
+            self._lead()
+        if pending.error is not None:
+            raise pending.error
+        return pending.outcomes
+
+    def _lead(self) -> None:
+        batch: list[_Pending] = []
+        try:
+            with self._lock:
+                size = 0
+                while self._queue and (
+                    not batch or size + len(self._queue[0].items) <= self._max_batch
+                ):
+                    taken = self._queue.pop(0)
+                    batch.append(taken)
+                    size += len(taken.items)
+            items = [item for pending in batch for item in pending.items]
+            try:
+                outcomes = self._store.write(items)
+            except BaseException as error:  # every waiter must learn the outcome
+                for pending in batch:
+                    pending.error = error
+            else:
+                position = 0
+                for pending in batch:
+                    pending.outcomes = outcomes[position : position + len(pending.items)]
+                    position += len(pending.items)
+            self._batches += 1
+            self._writes += len(items)
+        finally:
+            for pending in batch:
+                pending.finished = True
+                pending.wake.set()
+            with self._lock:
+                if self._queue:
+                    self._queue[0].wake.set()
+                else:
+                    self._busy = False
+
+    def stats(self) -> dict[str, int]:
+        return {"group_commits": self._batches, "group_committed_versions": self._writes}
+
+
+class Flusher:
+    """The async write-behind thread (see the module docs)."""
+
+    def __init__(
+        self,
+        core: _core.Core,
+        store: Store,
+        tracker: SnapshotTracker,
+        *,
+        flush_interval: float,
+        max_batch: int,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self._core = core
+        self._store = store
+        self._tracker = tracker
+        self._flush_interval = flush_interval
+        self._max_batch = max_batch
+        self._max_backoff = max_backoff
+        self._cursor = core.open_cursor(durable=True)
+        self._cond = threading.Condition()
+        self._hurry = threading.Event()
+        self._stopping = False
+        self._committed = self._cursor.committed
+        self._last_error: str | None = None
+        self._failing_since: float | None = None
+        self._retries = 0
+        self._batches = 0
+        self._versions = 0
+        self._conflicts: list[WfstateError] = []
+        self._thread = threading.Thread(target=self._run, name="wfstate-flusher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending: list[WriteItem] = []
+        backoff = 0.0
+        while True:
+            if not pending:
+                if self._stopping and self._caught_up():
+                    return
+                records = self._cursor.read_records(self._max_batch, timeout=self._flush_interval)
+                if not records:
+                    self._mark_committed()
+                    continue
+                pending = [self._tracker.decide(record) for record in records]
+            try:
+                outcomes = self._store.write(pending)
+            except StoreUnavailableError as error:
+                self._retries += 1
+                with self._cond:
+                    self._last_error = str(error)
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                    self._cond.notify_all()
+                backoff = min(self._max_backoff, max(0.01, backoff * 2))
+                self._hurry.wait(random.uniform(backoff / 2, backoff))
+                self._hurry.clear()
+                continue
+            backoff = 0.0
+            refused = [outcome for outcome in outcomes if outcome is not None]
+            self._batches += 1
+            self._versions += len(pending) - len(refused)
+            full = len(pending) >= self._max_batch
+            pending = []
+            with self._cond:
+                self._last_error = None
+                self._failing_since = None
+                # Refusals mean another writer changed these executions in the store.
+                self._conflicts.extend(refused[:100])
+            self._mark_committed()
+            if not full and not self._stopping:
+                # Let a batch build up, unless someone waits for durability.
+                self._hurry.wait(self._flush_interval)
+                self._hurry.clear()
+
+    def _caught_up(self) -> bool:
+        return self._cursor.position >= self._core.stats()["next_seq"]
+
+    def _mark_committed(self) -> None:
+        self._cursor.commit()
+        with self._cond:
+            self._committed = self._cursor.committed
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None) -> None:
+        """Block until every event recorded before the call is stored."""
+        target = self._core.stats()["next_seq"]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._hurry.set()
+        with self._cond:
+            while self._committed < target:
+                if not self._thread.is_alive():
+                    raise StoreUnavailableError(
+                        "the write-behind flusher has stopped", target=self._store.url
+                    )
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    detail = f": {self._last_error}" if self._last_error else ""
+                    raise StoreUnavailableError(
+                        f"updates are not yet durable after {timeout}s "
+                        f"({target - self._committed} events pending){detail}",
+                        target=self._store.url,
+                    )
+                self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
+                self._hurry.set()
+
+    def stop(self, timeout: float | None) -> None:
+        """Drain what is pending (waiting at most ``timeout``), then stop the thread."""
+        try:
+            self.flush(timeout)
+        finally:
+            self._stopping = True
+            self._hurry.set()
+            self._thread.join(timeout=None if timeout is None else max(timeout, 0.1))
+            self._cursor.close()
+
+    def take_conflicts(self) -> list[WfstateError]:
+        with self._cond:
+            conflicts, self._conflicts = self._conflicts, []
+        return conflicts
+
+    def stats(self) -> dict[str, int | float | str | None]:
+        next_seq = self._core.stats()["next_seq"]
+        with self._cond:
+            failing = (
+                None if self._failing_since is None else time.monotonic() - self._failing_since
+            )
+            return {
+                "pending_events": max(0, next_seq - self._committed),
+                "flush_batches": self._batches,
+                "flushed_versions": self._versions,
+                "flush_retries": self._retries,
+                "store_failing_for": failing,
+                "last_store_error": self._last_error,
+            }
+
+
+def check_critical(critical: Collection[str]) -> frozenset[str]:
+    chosen = frozenset(critical)
+    unknown = chosen - CRITICAL_CHOICES
+    if unknown:
+        raise ValidationError(
+            f"unknown critical change(s) {sorted(unknown)} (choose from {sorted(CRITICAL_CHOICES)})"
+        )
+    return chosen

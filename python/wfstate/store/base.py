@@ -1,0 +1,181 @@
+"""The contract every durable store of wfstate fulfils.
+
+A store keeps, per execution, one row of current facts (version, status, workflow,
+times, the latest snapshot's version, the fork link), an append-only log of deltas
+(one row per version: the version's events, encoded by the Rust core) and
+snapshots (whole states, every so often). It never decodes a delta or a snapshot:
+the core does that (``wfstate._core.rebuild``, ``decode_history``).
+
+The store is the judge of versions: ``write`` applies an execution's records only if
+the stored version is the first record's ``base_version`` (a creation only if the
+execution does not exist), and reports per execution what it did. A store must never
+apply part of a batch: either the transaction commits (with some executions
+refused by the version check) or nothing does and it raises
+``StoreUnavailableError``.
+
+Implementations: ``memory.MemoryStore``, ``sqlite.SQLiteStore``,
+``postgres.PostgresStore``. The contract tests in ``tests/test_store_contract.py``
+run against each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from wfstate._core import VersionRecord
+from wfstate.errors import WfstateError
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "EVENT_TYPE_BITS",
+    "LoadedExecution",
+    "Store",
+    "StoredDelta",
+    "WriteItem",
+]
+
+#: Statuses of executions that startup recovery reloads.
+ACTIVE_STATUSES: tuple[str, ...] = ("running", "suspended")
+
+#: Each event type's bit in a delta's ``event_mask`` column (stable: stored on disk).
+EVENT_TYPE_BITS: dict[str, int] = {
+    name: 1 << position
+    for position, name in enumerate(
+        (
+            "execution_created",
+            "status_change",
+            "node_pending",
+            "node_start",
+            "node_complete",
+            "node_failed",
+            "node_skipped",
+            "node_metrics",
+            "error",
+            "current_node_changed",
+            "variables_changed",
+            "context_changed",
+            "execution_forked",
+        )
+    )
+}
+
+
+def event_mask(event_types: Sequence[str]) -> int:
+    """The bit mask of a delta's event types."""
+    mask = 0
+    for name in event_types:
+        mask |= EVENT_TYPE_BITS[name]
+    return mask
+
+
+@dataclass(frozen=True, slots=True)
+class WriteItem:
+    """One version to write, with its snapshot when the snapshot policy asks for one."""
+
+    record: VersionRecord
+    snapshot: bytes | None = None
+
+
+#: A stored delta as the core's ``rebuild`` takes it: (version, recorded_at_us, delta).
+StoredDelta = tuple[int, int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedExecution:
+    """What ``rebuild`` needs for one execution, up to some version.
+
+    ``snapshot`` is the newest snapshot at or below that version (None: replay from
+    version 1), ``deltas`` the deltas after the snapshot, in version order, and
+    ``delta_bytes`` their total size (the snapshot policy starts from it).
+    """
+
+    execution_id: str
+    snapshot: bytes | None
+    snapshot_version: int
+    deltas: list[StoredDelta] = field(default_factory=list)
+
+    @property
+    def delta_bytes(self) -> int:
+        return sum(len(delta) for _, _, delta in self.deltas)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A durable home for executions' rows, deltas and snapshots. Thread-safe."""
+
+    #: The store's URL, with any password replaced by ``***``.
+    url: str
+
+    def schema_version(self) -> int:
+        """The version of the schema the store is at (migrations applied on open)."""
+        ...
+
+    def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
+        """Write a batch in one transaction; return one outcome per item.
+
+        Items of one execution form a chain in version order (each ``base_version``
+        is the previous item's ``version``; a creation has base 0). Per execution,
+        the whole chain is applied if the stored version equals its first
+        ``base_version`` (for a creation: no such execution), else none of it, and
+        each of its items gets ``ConflictError(id, expected=base, actual=stored)``
+        (``AlreadyExistsError`` for a creation). Other executions of the batch are
+        unaffected. ``None`` means written.
+
+        Raises ``StoreUnavailableError`` when the transaction could not commit: then
+        nothing of the batch was written.
+        """
+        ...
+
+    def load(self, execution_id: str, *, version: int | None = None) -> LoadedExecution | None:
+        """The snapshot and deltas that rebuild ``version`` (default: the latest).
+
+        None when the execution, or that version of it, is not stored.
+        """
+        ...
+
+    def active_execution_ids(self) -> list[str]:
+        """Ids of stored executions whose status is running or suspended."""
+        ...
+
+    def current_versions(self, execution_ids: Sequence[str]) -> dict[str, int]:
+        """The stored version of each of these executions that exists."""
+        ...
+
+    def version_at(self, execution_id: str, at_us: int) -> int | None:
+        """The newest version recorded at or before ``at_us`` (µs since the epoch)."""
+        ...
+
+    def read_deltas(
+        self,
+        execution_id: str,
+        *,
+        after_version: int | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> list[tuple[int, int, str | None, bytes]]:
+        """Deltas as ``(version, recorded_at_us, actor, delta)``, in version order.
+
+        ``since_us <= recorded_at < until_us`` and ``version > after_version`` when
+        given. The caller filters events further (types, node, limit).
+        """
+        ...
+
+    def list_execution_ids(
+        self,
+        *,
+        statuses: Sequence[str] | None = None,
+        workflow_id: str | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Ids of stored executions, oldest first (creation time, then id)."""
+        ...
+
+    def storage_bytes(self) -> int:
+        """Bytes the store's tables and indexes take (for the efficiency figures)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
