@@ -398,15 +398,15 @@ impl Engine {
         }
     }
 
-    /// The matching events of one execution, and its error count.
+    /// The matching events of one execution, and its current state (for the summary).
     pub fn history(
         &self,
         execution_id: &str,
         filter: &HistoryFilter,
-    ) -> Result<(Vec<Arc<Event>>, u64), CoreError> {
+    ) -> Result<(Vec<Arc<Event>>, Arc<State>), CoreError> {
         let current = self.get(execution_id)?;
         let events = self.ring.history(execution_id, filter)?;
-        Ok((events, current.error_count))
+        Ok((events, current))
     }
 
     /// Current states in creation order.

@@ -935,11 +935,16 @@ impl PyCore {
         node_id: Option<&Bound<'_, PyAny>>,
         after_version: Option<&Bound<'_, PyAny>>,
         limit: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(Vec<Py<PyStateEvent>>, u64)> {
+    ) -> PyResult<(Vec<Py<PyStateEvent>>, (u64, usize, u64))> {
         let execution_id = id_str(execution_id, "execution_id")?;
         let filter = history_filter(since_us, until_us, types, node_id, after_version, limit)?;
-        let (events, error_count) = py.detach(|| self.engine.history(execution_id, &filter))?;
-        Ok((events_to_py(py, events)?, error_count))
+        let (events, state) = py.detach(|| self.engine.history(execution_id, &filter))?;
+        let summary = (
+            (state.updated_at - state.created_at) as u64,
+            state.nodes.len(),
+            state.error_count,
+        );
+        Ok((events_to_py(py, events)?, summary))
     }
 
     #[pyo3(signature = (statuses = None, workflow_id = None, limit = None))]

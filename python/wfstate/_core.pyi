@@ -242,7 +242,7 @@ class Core:
         node_id: str | None = None,
         after_version: int | None = None,
         limit: int | None = None,
-    ) -> tuple[list[StateEvent], int]: ...
+    ) -> tuple[list[StateEvent], tuple[int, int, int]]: ...
     def list(
         self,
         statuses: Iterable[str] | None = None,

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias
 
 if TYPE_CHECKING:
     from wfstate._core import StateEvent
@@ -166,8 +166,7 @@ class HistoryOptions:
     limit: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class HistorySummary:
+class HistorySummary(NamedTuple):
     """Figures about a whole execution, whatever the filters of the query were.
 
     ``duration`` runs from creation to the latest update; ``node_count`` is the
@@ -180,8 +179,7 @@ class HistorySummary:
     error_count: int
 
 
-@dataclass(frozen=True, slots=True)
-class ExecutionHistory:
+class ExecutionHistory(NamedTuple):
     """The events of one execution that matched a query, and its summary."""
 
     execution_id: str

@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -667,7 +667,7 @@ class StateManager:
         until_us = None if options.until is None else _to_micros(options.until, "until")
         types = None if options.types is None else _enum_values(options.types, "types")
         try:
-            events, error_count = self._core.history(
+            events, (duration_us, node_count, error_count) = self._core.history(
                 execution_id,
                 since_us,
                 until_us,
@@ -676,7 +676,7 @@ class StateManager:
                 options.after_version,
                 options.limit,
             )
-            state = self._core.get(execution_id)
+            summary = HistorySummary(timedelta(microseconds=duration_us), node_count, error_count)
         except (HistoryEvictedError, NotFoundError):
             if self._store is None:
                 raise
@@ -698,13 +698,10 @@ class StateManager:
                 options.after_version,
                 options.limit,
             )
-            error_count = state.error_count
-        summary = HistorySummary(
-            duration=state.updated_at - state.created_at,
-            node_count=len(state.nodes),
-            error_count=error_count,
-        )
-        return ExecutionHistory(execution_id=execution_id, events=events, summary=summary)
+            summary = HistorySummary(
+                state.updated_at - state.created_at, len(state.nodes), state.error_count
+            )
+        return ExecutionHistory(execution_id, events, summary)
 
     def list_executions(
         self,
