@@ -82,7 +82,7 @@ pub fn encode(drafts: Vec<EventDraft>) -> Vec<PendingEvent> {
         .map(|draft| PendingEvent {
             kind: draft.kind,
             node_id: draft.node_id,
-            data: encode_value(&draft.data),
+            data: draft.data.into_boxed_slice(),
         })
         .collect()
 }

@@ -276,12 +276,100 @@ impl Update {
     }
 }
 
-/// An event before it gets its sequence number and encoding.
+/// An event before it gets its sequence number: its data is MessagePack already.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventDraft {
     pub kind: EventKind,
     pub node_id: Option<Arc<str>>,
-    pub data: Value,
+    pub data: Vec<u8>,
+}
+
+impl EventDraft {
+    fn from_value(kind: EventKind, node_id: Option<Arc<str>>, data: &Value) -> Self {
+        EventDraft {
+            kind,
+            node_id,
+            data: rmp_serde::to_vec(data).expect("a Value always encodes"),
+        }
+    }
+
+    /// The data decoded (tests and diagnostics; the hot path never decodes).
+    pub fn value(&self) -> Value {
+        rmp_serde::from_slice(&self.data).expect("drafts hold valid MessagePack")
+    }
+}
+
+/// Writes an event's data map straight to MessagePack, without building a `Value`
+/// (or cloning the caller's values) on the write path.
+struct DataMap(Vec<u8>);
+
+impl DataMap {
+    fn new(entries: u32) -> Self {
+        let mut buf = Vec::with_capacity(48);
+        rmp::encode::write_map_len(&mut buf, entries).expect("writing to a Vec");
+        DataMap(buf)
+    }
+
+    fn key(&mut self, key: &str) -> &mut Self {
+        rmp::encode::write_str(&mut self.0, key).expect("writing to a Vec");
+        self
+    }
+
+    fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key);
+        rmp::encode::write_str(&mut self.0, value).expect("writing to a Vec");
+        self
+    }
+
+    fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Self {
+        match value {
+            Some(value) => self.str(key, value),
+            None => {
+                self.key(key);
+                rmp::encode::write_nil(&mut self.0).expect("writing to a Vec");
+                self
+            }
+        }
+    }
+
+    fn uint(&mut self, key: &str, value: u64) -> &mut Self {
+        self.key(key);
+        rmp::encode::write_uint(&mut self.0, value).expect("writing to a Vec");
+        self
+    }
+
+    fn value(&mut self, key: &str, value: &Value) -> &mut Self {
+        self.key(key);
+        rmp_serde::encode::write(&mut self.0, value).expect("a Value always encodes");
+        self
+    }
+
+    fn entries(&mut self, key: &str, entries: &[(Arc<str>, Arc<Value>)]) -> &mut Self {
+        self.key(key);
+        rmp::encode::write_map_len(&mut self.0, entries.len() as u32).expect("writing to a Vec");
+        for (name, value) in entries {
+            rmp::encode::write_str(&mut self.0, name).expect("writing to a Vec");
+            rmp_serde::encode::write(&mut self.0, &**value).expect("a Value always encodes");
+        }
+        self
+    }
+
+    fn names(&mut self, key: &str, names: &[&Arc<str>]) -> &mut Self {
+        self.key(key);
+        rmp::encode::write_array_len(&mut self.0, names.len() as u32).expect("writing to a Vec");
+        for name in names {
+            rmp::encode::write_str(&mut self.0, name).expect("writing to a Vec");
+        }
+        self
+    }
+
+    fn draft(self, kind: EventKind, node_id: Option<Arc<str>>) -> EventDraft {
+        EventDraft {
+            kind,
+            node_id,
+            data: self.0,
+        }
+    }
 }
 
 fn opt_str(value: &Option<Arc<str>>) -> Value {
@@ -339,11 +427,7 @@ pub fn create(
         created_seq,
         forked_from: None,
     };
-    let event = EventDraft {
-        kind: EventKind::ExecutionCreated,
-        node_id: None,
-        data: Value::Object(data),
-    };
+    let event = EventDraft::from_value(EventKind::ExecutionCreated, None, &Value::Object(data));
     (state, event)
 }
 
@@ -388,11 +472,7 @@ pub fn fork(
         created_seq,
         forked_from: Some((source.execution_id.clone(), source.version)),
     };
-    let event = EventDraft {
-        kind: EventKind::ExecutionCreated,
-        node_id: None,
-        data: Value::Object(data),
-    };
+    let event = EventDraft::from_value(EventKind::ExecutionCreated, None, &Value::Object(data));
     (state, event)
 }
 
@@ -413,11 +493,7 @@ pub fn record_fork(
         Value::String(new_execution_id.to_string()),
     );
     data.insert("from_version".into(), forked_version.into());
-    let event = EventDraft {
-        kind: EventKind::ExecutionForked,
-        node_id: None,
-        data: Value::Object(data),
-    };
+    let event = EventDraft::from_value(EventKind::ExecutionForked, None, &Value::Object(data));
     (next, event)
 }
 
@@ -462,14 +538,10 @@ pub fn apply(
             )));
         }
         next.status = status;
-        let mut data = Map::with_capacity(2);
-        data.insert("from".into(), current.status.as_str().into());
-        data.insert("to".into(), status.as_str().into());
-        events.push(EventDraft {
-            kind: EventKind::StatusChange,
-            node_id: None,
-            data: Value::Object(data),
-        });
+        let mut data = DataMap::new(2);
+        data.str("from", current.status.as_str())
+            .str("to", status.as_str());
+        events.push(data.draft(EventKind::StatusChange, None));
     }
 
     let metrics_for = |node_id: &str| -> Option<&Value> {
@@ -498,15 +570,14 @@ pub fn apply(
                 finished_at: None,
                 error: None,
             });
-            let from_value: Value = match from {
-                Some(status) => status.as_str().into(),
-                None if *to == NodeStatus::Pending => Value::Null,
-                None => NodeStatus::Pending.as_str().into(),
+            let from_text = match from {
+                Some(status) => Some(status.as_str()),
+                None if *to == NodeStatus::Pending => None,
+                None => Some(NodeStatus::Pending.as_str()),
             };
-            let mut data = Map::with_capacity(5);
-            data.insert("from".into(), from_value);
-            data.insert("to".into(), to.as_str().into());
+            let metrics = metrics_for(node_id);
             node.status = *to;
+            let mut duration = None;
             match to {
                 NodeStatus::Pending => {}
                 NodeStatus::Running => {
@@ -514,19 +585,14 @@ pub fn apply(
                     node.started_at = Some(now);
                     node.finished_at = None;
                     node.error = None;
-                    data.insert("attempt".into(), node.attempts.into());
                 }
                 NodeStatus::Completed | NodeStatus::Failed => {
                     node.finished_at = Some(now);
-                    data.insert("attempt".into(), node.attempts.into());
-                    let reported = metrics_for(node_id)
-                        .and_then(|m| m.get("duration"))
-                        .cloned();
-                    let duration = reported.unwrap_or_else(|| {
+                    let reported = metrics.and_then(|m| m.get("duration")).cloned();
+                    duration = Some(reported.unwrap_or_else(|| {
                         let started = node.started_at.unwrap_or(now);
                         Value::from(seconds_between(started, now))
-                    });
-                    data.insert("duration".into(), duration);
+                    }));
                     if *to == NodeStatus::Failed {
                         node.error = update.error.clone();
                         failed_nodes.push(node_id.clone());
@@ -536,15 +602,27 @@ pub fn apply(
                     node.finished_at = Some(now);
                 }
             }
-            if let Some(metrics) = metrics_for(node_id) {
-                data.insert("metrics".into(), metrics.clone());
+            let with_attempt = matches!(
+                to,
+                NodeStatus::Running | NodeStatus::Completed | NodeStatus::Failed
+            );
+            let entries = 2
+                + u32::from(with_attempt)
+                + u32::from(duration.is_some())
+                + u32::from(metrics.is_some());
+            let mut data = DataMap::new(entries);
+            data.opt_str("from", from_text).str("to", to.as_str());
+            if with_attempt {
+                data.uint("attempt", u64::from(node.attempts));
+            }
+            if let Some(duration) = &duration {
+                data.value("duration", duration);
+            }
+            if let Some(metrics) = metrics {
+                data.value("metrics", metrics);
             }
             next.nodes.insert(node_id.clone(), Arc::new(node));
-            events.push(EventDraft {
-                kind: EventKind::for_node_status(*to),
-                node_id: Some(node_id.clone()),
-                data: Value::Object(data),
-            });
+            events.push(data.draft(EventKind::for_node_status(*to), Some(node_id.clone())));
         }
     }
 
@@ -555,11 +633,7 @@ pub fn apply(
         } else {
             None
         };
-        events.push(EventDraft {
-            kind: EventKind::Error,
-            node_id,
-            data: Value::clone(error),
-        });
+        events.push(EventDraft::from_value(EventKind::Error, node_id, error));
     }
 
     if let Some(metrics) = &update.metrics {
@@ -573,26 +647,18 @@ pub fn apply(
             if moved(node_id) {
                 continue;
             }
-            let mut data = Map::with_capacity(1);
-            data.insert("metrics".into(), figures.clone());
-            events.push(EventDraft {
-                kind: EventKind::NodeMetrics,
-                node_id: Some(node_id.clone()),
-                data: Value::Object(data),
-            });
+            let mut data = DataMap::new(1);
+            data.value("metrics", figures);
+            events.push(data.draft(EventKind::NodeMetrics, Some(node_id.clone())));
         }
     }
 
     if let Some(current_node) = &update.current_node {
-        let mut data = Map::with_capacity(2);
-        data.insert("from".into(), opt_str(&current.current_node));
-        data.insert("to".into(), opt_str(current_node));
+        let mut data = DataMap::new(2);
+        data.opt_str("from", current.current_node.as_deref())
+            .opt_str("to", current_node.as_deref());
         next.current_node = current_node.clone();
-        events.push(EventDraft {
-            kind: EventKind::CurrentNodeChanged,
-            node_id: None,
-            data: Value::Object(data),
-        });
+        events.push(data.draft(EventKind::CurrentNodeChanged, None));
     }
 
     if update.variables.is_some() || update.unset_variables.is_some() {
@@ -603,30 +669,21 @@ pub fn apply(
         let mut removed = Vec::new();
         for name in update.unset_variables.as_deref().unwrap_or(&[]) {
             if next.variables.remove(name).is_some() {
-                removed.push(Value::String(name.to_string()));
+                removed.push(name);
             }
         }
-        let mut data = Map::with_capacity(2);
-        data.insert("set".into(), json_object(set));
-        data.insert("unset".into(), Value::Array(removed));
-        events.push(EventDraft {
-            kind: EventKind::VariablesChanged,
-            node_id: None,
-            data: Value::Object(data),
-        });
+        let mut data = DataMap::new(2);
+        data.entries("set", set).names("unset", &removed);
+        events.push(data.draft(EventKind::VariablesChanged, None));
     }
 
     if let Some(context) = &update.context {
         for (key, value) in context {
             next.context.insert(key.clone(), value.clone());
         }
-        let mut data = Map::with_capacity(1);
-        data.insert("set".into(), json_object(context));
-        events.push(EventDraft {
-            kind: EventKind::ContextChanged,
-            node_id: None,
-            data: Value::Object(data),
-        });
+        let mut data = DataMap::new(1);
+        data.entries("set", context);
+        events.push(data.draft(EventKind::ContextChanged, None));
     }
 
     Ok((next, events))
@@ -662,7 +719,7 @@ mod tests {
         };
         let (s3, ev) = apply(&s2, &failing, 3_500).unwrap();
         assert_eq!(ev.len(), 2);
-        assert_eq!(ev[0].data["duration"], serde_json::json!(0.0015));
+        assert_eq!(ev[0].value()["duration"], serde_json::json!(0.0015));
         assert_eq!(ev[1].kind, EventKind::Error);
         assert_eq!(ev[1].node_id.as_deref(), Some("a"));
         assert!(s3.nodes.get("a").unwrap().error.is_some());

@@ -681,6 +681,9 @@ impl PyCore {
     }
 }
 
+/// `(duration in µs, node count, error count)` of an execution, for `HistorySummary`.
+type HistorySummaryParts = (u64, usize, u64);
+
 fn history_filter(
     since_us: Option<i64>,
     until_us: Option<i64>,
@@ -935,7 +938,7 @@ impl PyCore {
         node_id: Option<&Bound<'_, PyAny>>,
         after_version: Option<&Bound<'_, PyAny>>,
         limit: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(Vec<Py<PyStateEvent>>, (u64, usize, u64))> {
+    ) -> PyResult<(Vec<Py<PyStateEvent>>, HistorySummaryParts)> {
         let execution_id = id_str(execution_id, "execution_id")?;
         let filter = history_filter(since_us, until_us, types, node_id, after_version, limit)?;
         let (events, state) = py.detach(|| self.engine.history(execution_id, &filter))?;
