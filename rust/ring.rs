@@ -428,10 +428,15 @@ impl Ring {
         Ok((pos.position, pos.committed, pos.missed))
     }
 
+    /// Forget a cursor: a durable one stops holding back eviction, and a thread
+    /// waiting in its `read` wakes up with `Closed`.
     pub fn close_cursor(&self, cursor: u64) {
         let mut inner = self.inner.lock();
-        if inner.cursors.remove(&cursor).is_some_and(|pos| pos.durable) {
-            self.room.notify_all();
+        if let Some(pos) = inner.cursors.remove(&cursor) {
+            if pos.durable {
+                self.room.notify_all();
+            }
+            self.arrived.notify_all();
         }
     }
 

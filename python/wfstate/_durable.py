@@ -25,7 +25,7 @@ from typing import Final
 
 from wfstate import _core
 from wfstate._core import VersionRecord
-from wfstate.errors import StoreUnavailableError, ValidationError, WfstateError
+from wfstate.errors import ClosedError, StoreUnavailableError, ValidationError, WfstateError
 from wfstate.store.base import LoadedExecution, Store, WriteItem
 
 __all__ = [
@@ -241,6 +241,17 @@ class Flusher:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except ClosedError:
+            return  # stop() closed the cursor: whatever was pending is drained
+        except BaseException as error:  # flush() and stats() report a dead flusher
+            with self._cond:
+                self._last_error = f"the flusher stopped: {error!r}"
+                self._cond.notify_all()
+            raise
+
+    def _loop(self) -> None:
         pending: list[WriteItem] = []
         backoff = 0.0
         while True:
@@ -255,6 +266,8 @@ class Flusher:
             try:
                 outcomes = self._store.write(pending)
             except StoreUnavailableError as error:
+                if self._stopping:
+                    return  # close() gave up waiting: what is pending dies with the process
                 self._retries += 1
                 with self._cond:
                     self._last_error = str(error)
@@ -320,8 +333,9 @@ class Flusher:
         finally:
             self._stopping = True
             self._hurry.set()
-            self._thread.join(timeout=None if timeout is None else max(timeout, 0.1))
+            # Closing the cursor wakes the thread if it waits for events.
             self._cursor.close()
+            self._thread.join(timeout=None if timeout is None else max(timeout, 0.1))
 
     def take_conflicts(self) -> list[WfstateError]:
         with self._cond:
