@@ -32,7 +32,7 @@ from wfstate.errors import (
     ValidationError,
     WfstateError,
 )
-from wfstate.manager import Durability, SnapshotPolicy, StateManager, UpdateFn
+from wfstate.manager import Durability, ManagerStats, SnapshotPolicy, StateManager, UpdateFn
 
 _core.bind_types(ExecutionStatus, NodeStatus, EventType, StateUpdate, _model._exception_to_error)
 
@@ -54,6 +54,7 @@ __all__ = [
     "HistorySummary",
     "InvalidTransitionError",
     "JSONValue",
+    "ManagerStats",
     "NodeState",
     "NodeStatus",
     "NotFoundError",

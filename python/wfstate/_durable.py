@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypedDict
 
 from wfstate import _core
 from wfstate._core import VersionRecord
@@ -203,8 +203,18 @@ class GroupCommitter:
                 else:
                     self._busy = False
 
-    def stats(self) -> dict[str, int]:
-        return {"group_commits": self._batches, "group_committed_versions": self._writes}
+    def stats(self) -> tuple[int, int]:
+        """(transactions written, versions they carried)."""
+        return self._batches, self._writes
+
+
+class FlusherStats(TypedDict):
+    pending_events: int
+    flush_batches: int
+    flushed_versions: int
+    flush_retries: int
+    store_failing_for: float | None
+    last_store_error: str | None
 
 
 class Flusher:
@@ -342,20 +352,20 @@ class Flusher:
             conflicts, self._conflicts = self._conflicts, []
         return conflicts
 
-    def stats(self) -> dict[str, int | float | str | None]:
+    def stats(self) -> FlusherStats:
         next_seq = self._core.stats()["next_seq"]
         with self._cond:
             failing = (
                 None if self._failing_since is None else time.monotonic() - self._failing_since
             )
-            return {
-                "pending_events": max(0, next_seq - self._committed),
-                "flush_batches": self._batches,
-                "flushed_versions": self._versions,
-                "flush_retries": self._retries,
-                "store_failing_for": failing,
-                "last_store_error": self._last_error,
-            }
+            return FlusherStats(
+                pending_events=max(0, next_seq - self._committed),
+                flush_batches=self._batches,
+                flushed_versions=self._versions,
+                flush_retries=self._retries,
+                store_failing_for=failing,
+                last_store_error=self._last_error,
+            )
 
 
 def check_critical(critical: Collection[str]) -> frozenset[str]:

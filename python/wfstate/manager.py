@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Required, Self, TypedDict
 
 from wfstate import _core
 from wfstate._core import EventCursor, PreparedUpdate, WorkflowState
@@ -50,7 +50,7 @@ from wfstate.errors import (
 )
 from wfstate.store import Store, open_store
 
-__all__ = ["Durability", "SnapshotPolicy", "StateManager", "UpdateFn"]
+__all__ = ["Durability", "ManagerStats", "SnapshotPolicy", "StateManager", "UpdateFn"]
 
 #: What ``transact`` calls: it gets the current state and returns the update to
 #: apply to exactly that version, or ``None`` to write nothing.
@@ -80,6 +80,38 @@ def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
     if value < 0 or (value == 0 and not allow_zero) or value != value:
         raise ValidationError(f"{name} must be positive, not {value!r}")
     return float(value)
+
+
+class ManagerStats(TypedDict, total=False):
+    """What ``StateManager.stats()`` reports.
+
+    Always: ``executions`` (held in memory), ``ring_events``, ``ring_capacity``,
+    ``first_seq`` and ``next_seq`` (the sequence numbers the ring spans),
+    ``cursors`` and ``durable_cursors``. With a store: ``store`` (its URL),
+    ``durability``, ``group_commits`` and ``group_committed_versions`` (sync writes
+    and the transactions that carried them). In async mode: ``pending_events`` (the
+    write-behind lag), ``flush_batches``, ``flushed_versions``, ``flush_retries``,
+    ``store_failing_for`` (seconds the store has been failing, or None) and
+    ``last_store_error``.
+    """
+
+    executions: Required[int]
+    ring_events: Required[int]
+    ring_capacity: Required[int]
+    first_seq: Required[int]
+    next_seq: Required[int]
+    cursors: Required[int]
+    durable_cursors: Required[int]
+    store: str
+    durability: str
+    group_commits: int
+    group_committed_versions: int
+    pending_events: int
+    flush_batches: int
+    flushed_versions: int
+    flush_retries: int
+    store_failing_for: float | None
+    last_store_error: str | None
 
 
 class StateManager:
@@ -728,7 +760,19 @@ class StateManager:
             workflow_id=workflow_id,
             limit=limit,
         )
-        return [self.get_state(execution_id) for execution_id in ids]
+        return [self._peek(execution_id) for execution_id in ids]
+
+    def _peek(self, execution_id: str) -> WorkflowState:
+        """The current state, from memory or rebuilt from the store without loading it
+        into memory (listing must not grow the map)."""
+        try:
+            return self._core.get(execution_id)
+        except NotFoundError:
+            assert self._store is not None
+            loaded = self._store.load(execution_id)
+            if loaded is None:
+                raise
+            return _core.rebuild(execution_id, loaded.snapshot, loaded.deltas)
 
     def open_cursor(self, *, durable: bool = False, from_oldest: bool = False) -> EventCursor:
         """A reader of every execution's events, in the order they were recorded.
@@ -739,17 +783,32 @@ class StateManager:
         """
         return self._core.open_cursor(durable=durable, from_oldest=from_oldest)
 
-    def stats(self) -> dict[str, int | float | str | None]:
+    def stats(self) -> ManagerStats:
         """Counters of the core (executions in memory, ring size, cursors) and, with a
         store, of the write path (group commits, write-behind lag and retries)."""
-        stats: dict[str, int | float | str | None] = dict(self._core.stats())
+        core = self._core.stats()
+        stats = ManagerStats(
+            executions=core["executions"],
+            ring_events=core["ring_events"],
+            ring_capacity=core["ring_capacity"],
+            first_seq=core["first_seq"],
+            next_seq=core["next_seq"],
+            cursors=core["cursors"],
+            durable_cursors=core["durable_cursors"],
+        )
         if self._store is not None:
+            assert self._committer is not None
             stats["store"] = self._store.url
             stats["durability"] = self._durability
-            assert self._committer is not None
-            stats.update(self._committer.stats())
+            stats["group_commits"], stats["group_committed_versions"] = self._committer.stats()
             if self._flusher is not None:
-                stats.update(self._flusher.stats())
+                flusher = self._flusher.stats()
+                stats["pending_events"] = flusher["pending_events"]
+                stats["flush_batches"] = flusher["flush_batches"]
+                stats["flushed_versions"] = flusher["flushed_versions"]
+                stats["flush_retries"] = flusher["flush_retries"]
+                stats["store_failing_for"] = flusher["store_failing_for"]
+                stats["last_store_error"] = flusher["last_store_error"]
         return stats
 
     def storage_bytes(self) -> int:
@@ -757,6 +816,9 @@ class StateManager:
         return 0 if self._store is None else self._store.storage_bytes()
 
     def __len__(self) -> int:
+        """The number of executions held in memory: all of them without a store; with
+        one, those created, recovered or read since it was opened (``list_executions``
+        counts what the store holds)."""
         return len(self._core)
 
 

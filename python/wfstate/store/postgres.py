@@ -1,0 +1,1100 @@
+"""The PostgreSQL store (``postgresql://``): the store contract on psycopg 3 and a pool.
+
+``write`` is one SQL statement in one round trip, in autocommit mode: a data-modifying
+CTE that checks every execution's version, advances the rows that pass and inserts
+their deltas and snapshots, so a sync update costs about one autocommit INSERT. The
+statement's text depends only on which parts a batch needs (updates, creations,
+snapshots), never on its size: rows travel as arrays that ``unnest`` turns back into
+rows, so each shape is parsed and planned once per connection (psycopg prepares it).
+``docs/storage.md`` gives the schema, the statement and the measurements behind them.
+
+This module must never build SQL from values: identifiers go through
+``psycopg.sql.Identifier``, values are always bound parameters. It must never let a
+driver exception escape: a failure is a ``StoreUnavailableError`` naming the store by
+its display URL (no password), raised only when nothing of the call was written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import postgres, pq, sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Dumper
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+from psycopg.types.numeric import Int8
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from wfstate._core import VersionRecord
+from wfstate.errors import (
+    AlreadyExistsError,
+    ClosedError,
+    ConflictError,
+    StoreUnavailableError,
+    ValidationError,
+    WfstateError,
+)
+from wfstate.store.base import ACTIVE_STATUSES, LoadedExecution, WriteItem, event_mask
+
+__all__ = ["PostgresStore"]
+
+_Connection = psycopg.Connection[TupleRow]
+
+#: Key of the transaction-level advisory lock that serialises migrations across processes.
+#: A constant (ASCII "wfstate" + 1) so that every wfstate version takes the same lock.
+MIGRATION_LOCK_ID = 0x7766_7374_6174_6501
+
+#: How long opening waits for another process's migration (or a lock its DDL needs).
+MIGRATION_LOCK_TIMEOUT_S = 60
+
+#: Every table the store owns, for ``storage_bytes``.
+_TABLES = (
+    "wfstate_schema_migrations",
+    "wfstate_executions",
+    "wfstate_deltas",
+    "wfstate_snapshots",
+)
+
+#: libpq keepalive settings used unless the URL sets its own: a write to a server
+#: that vanished from the network fails in about half a minute instead of hanging for
+#: the kernel's TCP retransmission timeout (15 minutes on Linux).
+_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
+def _migrations(schema: str) -> list[tuple[int, list[sql.Composed]]]:
+    """The schema's history: (version, statements). Append only; never edit a step."""
+    names = {
+        "executions": sql.Identifier(schema, "wfstate_executions"),
+        "deltas": sql.Identifier(schema, "wfstate_deltas"),
+        "snapshots": sql.Identifier(schema, "wfstate_snapshots"),
+    }
+
+    def statement(text: LiteralString) -> sql.Composed:
+        return sql.SQL(text).format(**names)
+
+    # Ids are compared byte-wise (COLLATE "C"): list order is then Python's str
+    # order, whatever the database's default collation, and b-tree comparisons are
+    # memcmp instead of locale-aware strcoll. Fixed-width columns come first: no
+    # alignment padding after a variable-length one (8 bytes a delta row, measured).
+    version_1 = [
+        statement(
+            """
+            CREATE TABLE {executions} (
+                version bigint NOT NULL,
+                created_at timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL,
+                snapshot_version bigint NOT NULL DEFAULT 0,
+                forked_from_version bigint,
+                execution_id text COLLATE "C" PRIMARY KEY,
+                workflow_id text COLLATE "C" NOT NULL,
+                status text COLLATE "C" NOT NULL,
+                forked_from_id text COLLATE "C"
+            )
+            """
+        ),
+        # Recovery (status IN running, suspended) and stuck-execution queries
+        # (running, not updated since ...).
+        statement(
+            "CREATE INDEX wfstate_executions_status_updated_at ON {executions} (status, updated_at)"
+        ),
+        # A workflow's executions over time.
+        statement(
+            "CREATE INDEX wfstate_executions_workflow_created_at"
+            " ON {executions} (workflow_id, created_at)"
+        ),
+        # Listing oldest first and time-range pages, with the id as the tie-breaker.
+        statement(
+            "CREATE INDEX wfstate_executions_created_at ON {executions} (created_at, execution_id)"
+        ),
+        statement(
+            """
+            CREATE TABLE {deltas} (
+                version bigint NOT NULL,
+                recorded_at timestamptz NOT NULL,
+                event_mask integer NOT NULL,
+                execution_id text COLLATE "C" NOT NULL,
+                actor text,
+                node_ids text[] NOT NULL,
+                data bytea NOT NULL,
+                PRIMARY KEY (execution_id, version)
+            )
+            """
+        ),
+        # Deltas arrive in time order: a BRIN index serves time ranges across all
+        # executions at a few pages per GB, and costs inserts next to nothing.
+        statement("CREATE INDEX wfstate_deltas_recorded_at ON {deltas} USING brin (recorded_at)"),
+        statement(
+            """
+            CREATE TABLE {snapshots} (
+                version bigint NOT NULL,
+                execution_id text COLLATE "C" NOT NULL,
+                data bytea NOT NULL,
+                PRIMARY KEY (execution_id, version)
+            )
+            """
+        ),
+    ]
+    return [(1, version_1)]
+
+
+def _storable(text: str) -> bool:
+    """PostgreSQL text cannot hold NUL; the core accepts it in ids, actors and node ids."""
+    return "\x00" not in text
+
+
+def _findable(text: str) -> bool:
+    """Whether a read's argument can name anything stored (else the read finds nothing).
+
+    Besides NUL, a str may hold lone surrogates, which have no UTF-8 form: the core
+    never writes them, and binding one would raise UnicodeEncodeError.
+    """
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_array_literal(values: Sequence[str]) -> str:
+    """One row's ``node_ids`` as a PostgreSQL array literal, cast with ``::text[]``.
+
+    ``unnest`` of a 2-D array flattens it (and 2-D arrays must be rectangular), so each
+    row's array travels as the text of its literal in a 1-D ``text[]``. Every element is
+    double-quoted, with backslash and double quote escaped: array_in then takes any
+    string verbatim.
+    """
+    if not values:
+        return "{}"
+    return (
+        '{"'
+        + '","'.join(value.replace("\\", "\\\\").replace('"', '\\"') for value in values)
+        + '"}'
+    )
+
+
+class _BigintArray(list[Any]):
+    """A list of int (or None) bound as ``bigint[]``."""
+
+
+class _TextArray(list[Any]):
+    """A list of str (or None) bound as ``text[]``."""
+
+
+class _ByteaArray(list[Any]):
+    """A list of bytes bound as ``bytea[]``."""
+
+
+_ARRAY_HEADER = struct.Struct("!iiiii")  # dimensions, has NULLs, element type, length, base
+_EMPTY_ARRAY_HEADER = struct.Struct("!iii")  # dimensions (0), has NULLs, element type
+_ELEMENT_LENGTH = struct.Struct("!i")
+_BIGINT_ELEMENT = struct.Struct("!iq")  # length (8), value
+_NULL_ELEMENT = _ELEMENT_LENGTH.pack(-1)
+
+
+class _ArrayDumper(Dumper):
+    """PostgreSQL's binary array format for one flat array, written in one pass.
+
+    psycopg's generic list dumper inspects every list to choose the element type; that
+    costs 7-20 µs per parameter even for one element (and 10 ms for 1,000 bytes
+    values), which would dominate a sync write of ~20 arrays. These dumpers know
+    their type, so a parameter costs about what a scalar does.
+    """
+
+    format = pq.Format.BINARY
+    element_oid = 0
+
+    def dump(self, obj: list[Any]) -> Buffer | None:
+        if not obj:
+            return _EMPTY_ARRAY_HEADER.pack(0, 0, self.element_oid)
+        has_null = None in obj
+        return _ARRAY_HEADER.pack(1, has_null, self.element_oid, len(obj), 1) + self.elements(obj)
+
+    def elements(self, values: list[Any]) -> bytes:
+        raise NotImplementedError
+
+
+class _BigintArrayDumper(_ArrayDumper):
+    oid = postgres.types["int8"].array_oid
+    element_oid = postgres.types["int8"].oid
+
+    def elements(self, values: list[Any]) -> bytes:
+        pack = _BIGINT_ELEMENT.pack
+        try:
+            return b"".join(_NULL_ELEMENT if value is None else pack(8, value) for value in values)
+        except struct.error as e:
+            raise psycopg.DataError(f"a value does not fit a bigint: {e}") from e
+
+
+class _TextArrayDumper(_ArrayDumper):
+    oid = postgres.types["text"].array_oid
+    element_oid = postgres.types["text"].oid
+
+    def elements(self, values: list[Any]) -> bytes:
+        pack = _ELEMENT_LENGTH.pack
+        parts: list[bytes] = []
+        for value in values:
+            if value is None:
+                parts.append(_NULL_ELEMENT)
+            else:
+                data = value.encode()  # the pool's connections use client_encoding UTF8
+                parts.append(pack(len(data)))
+                parts.append(data)
+        return b"".join(parts)
+
+
+class _ByteaArrayDumper(_ArrayDumper):
+    oid = postgres.types["bytea"].array_oid
+    element_oid = postgres.types["bytea"].oid
+
+    def elements(self, values: list[Any]) -> bytes:
+        pack = _ELEMENT_LENGTH.pack
+        parts: list[bytes] = []
+        for value in values:
+            parts.append(pack(len(value)))
+            parts.append(value)
+        return b"".join(parts)
+
+
+def _configure(conn: _Connection) -> None:
+    """Set up a pooled connection's adapters.
+
+    The write statement's arrays are bound with fixed types: its parameter types are
+    then the same for every call, so psycopg prepares it once per connection instead of
+    once per combination of int2/int4/int8 (or all-None) arrays.
+    """
+    conn.adapters.register_dumper(_BigintArray, _BigintArrayDumper)
+    conn.adapters.register_dumper(_TextArray, _TextArrayDumper)
+    conn.adapters.register_dumper(_ByteaArray, _ByteaArrayDumper)
+
+
+def _bigint(value: int | None) -> Int8 | None:
+    """A scalar bound as bigint whatever its size: one prepared statement, not three."""
+    return None if value is None else Int8(value)
+
+
+def _check_idle(conn: _Connection) -> None:
+    """The pool's check before it hands out a connection: free unless it is suspect.
+
+    An idle autocommit connection receives nothing unprompted, except the FATAL that a
+    server sends before it closes the connection (restart, pg_terminate_backend,
+    idle_session_timeout). So: poll the socket without waiting (a syscall, no round
+    trip); only when it is readable, ask the server (one round trip), which raises
+    for a dead connection and makes the pool replace it. A write after a restart then
+    gets a fresh connection instead of failing on a dead one.
+    """
+    fileno = conn.fileno()
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fileno, select.POLLIN)
+        readable = bool(poller.poll(0))
+    else:  # pragma: no cover - Windows
+        readable = bool(select.select([fileno], [], [], 0)[0])
+    if readable:
+        ConnectionPool.check_connection(conn)
+
+
+def _reason(error: BaseException) -> str:
+    """A driver error's first line (libpq messages never carry the password)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+#: What a write statement must do: ("one", creation?, snapshot?) for a batch of one
+#: item, ("many", updates?, creations?, snapshots?) for the rest.
+_WriteShape = tuple[str, bool, bool] | tuple[str, bool, bool, bool]
+
+
+class _Batch:
+    """A batch of ``WriteItem`` as the parameters of its write statement.
+
+    One item (the sync path) binds scalars. Otherwise per execution the items form a
+    chain; the chain becomes one row of ``upd`` (first base, last version/status/time,
+    newest snapshot of the chain, else NULL: keep) or of ``cre`` (a creation: the
+    first record's row, advanced to the chain's last version), and each item one
+    delta row (and one snapshot row with a snapshot), bound as arrays named
+    ``<part>_<column>``.
+    """
+
+    __slots__ = ("chains", "parameters", "refused", "shape")
+
+    def __init__(self, items: Sequence[WriteItem]) -> None:
+        self.chains: dict[str, list[int]] = {}
+        for position, item in enumerate(items):
+            self.chains.setdefault(item.record.execution_id, []).append(position)
+        #: Chains refused before the database sees them (text PostgreSQL cannot hold).
+        self.refused: dict[str, WfstateError] = {}
+        for execution_id, positions in self.chains.items():
+            if not all(_storable_record(items[position].record) for position in positions):
+                self.refused[execution_id] = ValidationError(
+                    f"execution {execution_id!r}: PostgreSQL text cannot hold NUL "
+                    "characters (in an id, actor or node id)"
+                )
+        #: None when there is nothing to send.
+        self.shape: _WriteShape | None = None
+        self.parameters: dict[str, Any] = {}
+        if len(items) == 1:
+            if not self.refused:
+                self._one(items[0])
+        else:
+            self._many(items)
+
+    def _one(self, item: WriteItem) -> None:
+        record = item.record
+        creation = record.base_version == 0
+        self.shape = ("one", creation, item.snapshot is not None)
+        forked_from = record.forked_from
+        self.parameters = {
+            "id": record.execution_id,
+            "base": Int8(record.base_version),
+            "version": Int8(record.version),
+            "status": record.status,
+            "updated": Int8(record.updated_at_us),
+            "actor": record.actor,
+            "mask": Int8(event_mask(record.event_types)),
+            "nodes": _TextArray(record.node_ids),
+            "data": record.delta,
+        }
+        if item.snapshot is not None:
+            self.parameters["snapshot"] = item.snapshot
+        if creation:
+            self.parameters.update(
+                workflow=record.workflow_id,
+                created=Int8(record.created_at_us),
+                forked_id=None if forked_from is None else forked_from[0],
+                forked_version=None if forked_from is None else Int8(forked_from[1]),
+            )
+
+    def _many(self, items: Sequence[WriteItem]) -> None:
+        u_id, u_status = _TextArray(), _TextArray()
+        u_base, u_version, u_updated, u_snapshot = (_BigintArray() for _ in range(4))
+        c_id, c_workflow, c_status, c_forked_id = (_TextArray() for _ in range(4))
+        c_version, c_created, c_updated, c_snapshot, c_forked_version = (
+            _BigintArray() for _ in range(5)
+        )
+        d_id, d_actor, d_nodes = _TextArray(), _TextArray(), _TextArray()
+        d_version, d_recorded, d_mask = _BigintArray(), _BigintArray(), _BigintArray()
+        d_data = _ByteaArray()
+        s_id, s_version, s_data = _TextArray(), _BigintArray(), _ByteaArray()
+        # In id order: concurrent batches then insert new rows in one order (as the
+        # statement locks existing ones), so they cannot deadlock on each other.
+        for execution_id in sorted(self.chains):
+            if execution_id in self.refused:
+                continue
+            chain = [items[position] for position in self.chains[execution_id]]
+            snapshot_version: int | None = None
+            for item in chain:
+                record = item.record
+                d_id.append(execution_id)
+                d_version.append(record.version)
+                d_recorded.append(record.updated_at_us)
+                d_actor.append(record.actor)
+                d_mask.append(event_mask(record.event_types))
+                d_nodes.append(_text_array_literal(record.node_ids))
+                d_data.append(record.delta)
+                if item.snapshot is not None:
+                    snapshot_version = record.version
+                    s_id.append(execution_id)
+                    s_version.append(record.version)
+                    s_data.append(item.snapshot)
+            first, last = chain[0].record, chain[-1].record
+            if first.base_version == 0:
+                forked_from = first.forked_from
+                c_id.append(execution_id)
+                c_workflow.append(first.workflow_id)
+                c_status.append(last.status)
+                c_version.append(last.version)
+                c_created.append(first.created_at_us)
+                c_updated.append(last.updated_at_us)
+                c_snapshot.append(snapshot_version or 0)
+                c_forked_id.append(None if forked_from is None else forked_from[0])
+                c_forked_version.append(None if forked_from is None else forked_from[1])
+            else:
+                u_id.append(execution_id)
+                u_base.append(first.base_version)
+                u_version.append(last.version)
+                u_status.append(last.status)
+                u_updated.append(last.updated_at_us)
+                u_snapshot.append(snapshot_version)
+        if not (u_id or c_id):
+            return
+        self.shape = ("many", bool(u_id), bool(c_id), bool(s_id))
+        if u_id:
+            self.parameters.update(
+                u_id=u_id, u_base=u_base, u_version=u_version, u_status=u_status,
+                u_updated=u_updated, u_snapshot=u_snapshot,
+            )  # fmt: skip
+        if c_id:
+            self.parameters.update(
+                c_id=c_id, c_workflow=c_workflow, c_status=c_status, c_version=c_version,
+                c_created=c_created, c_updated=c_updated, c_snapshot=c_snapshot,
+                c_forked_id=c_forked_id, c_forked_version=c_forked_version,
+            )  # fmt: skip
+        self.parameters.update(
+            d_id=d_id, d_version=d_version, d_recorded=d_recorded, d_actor=d_actor,
+            d_mask=d_mask, d_nodes=d_nodes, d_data=d_data,
+        )  # fmt: skip
+        if s_id:
+            self.parameters.update(s_id=s_id, s_version=s_version, s_data=s_data)
+
+
+def _storable_record(record: VersionRecord) -> bool:
+    forked_from = record.forked_from
+    texts = (
+        record.execution_id,
+        record.workflow_id,
+        record.status,
+        record.actor or "",
+        "" if forked_from is None else forked_from[0],
+        *record.node_ids,
+    )
+    return _storable("".join(texts))
+
+
+class PostgresStore:
+    """Rows, deltas and snapshots in PostgreSQL, through a psycopg connection pool.
+
+    ``conninfo`` is a libpq URL or key/value string; ``display`` the same without the
+    password (it names the store in errors). ``connect_timeout`` bounds opening and
+    every wait for a connection (libpq counts whole seconds, at least 2). ``schema``
+    holds the tables (created if missing).
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        display: str,
+        connect_timeout: float = 5.0,
+        pool_size: int = 8,
+        schema: str = "public",
+    ) -> None:
+        self.url = display
+        self._pid = os.getpid()
+        self._schema = schema
+        self._timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._closed = False
+        self._statements: dict[object, bytes] = {}
+        self._identifiers = {
+            "executions": sql.Identifier(schema, "wfstate_executions"),
+            "deltas": sql.Identifier(schema, "wfstate_deltas"),
+            "snapshots": sql.Identifier(schema, "wfstate_snapshots"),
+            "migrations": sql.Identifier(schema, "wfstate_schema_migrations"),
+        }
+        try:
+            given = conninfo_to_dict(conninfo)
+        except psycopg.Error as e:
+            raise StoreUnavailableError(
+                f"invalid PostgreSQL connection string for {display}: {_reason(e)}",
+                target=display,
+            ) from e
+        # libpq takes whole seconds and treats anything below 2 as 2.
+        settings: dict[str, Any] = {
+            "connect_timeout": max(2, math.ceil(connect_timeout)),
+            # The array dumpers encode str as UTF-8 themselves.
+            "client_encoding": "utf8",
+            **{key: value for key, value in _KEEPALIVES.items() if key not in given},
+        }
+        # Migrate on a connection of our own first: its error says what is wrong (no
+        # such database, role, host...), where the pool would only report a timeout.
+        try:
+            with psycopg.connect(conninfo, **settings) as conn:
+                self._migrate(conn)
+        except psycopg.Error as e:
+            raise StoreUnavailableError(
+                f"cannot open the PostgreSQL store at {display}: {_reason(e)}", target=display
+            ) from e
+        self._pool: ConnectionPool[_Connection] = ConnectionPool(
+            conninfo,
+            kwargs={"autocommit": True, **settings},
+            min_size=1,
+            max_size=max(1, pool_size),
+            open=False,
+            configure=_configure,
+            check=_check_idle,
+            timeout=connect_timeout,
+            name=f"wfstate {display}",
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except PoolTimeout as e:
+            self._pool.close()
+            raise StoreUnavailableError(
+                f"cannot open the PostgreSQL store at {display}: no connection within "
+                f"{connect_timeout:g} s",
+                target=display,
+            ) from e
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.url!r})"
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _migrate(self, conn: _Connection) -> None:
+        """Apply the missing migrations in one transaction, one process at a time."""
+        migrations = self._identifiers["migrations"]
+        with conn.transaction():
+            # Another process may be migrating: wait for it, but not forever.
+            conn.execute(
+                sql.SQL("SET LOCAL lock_timeout = {}").format(
+                    sql.Literal(f"{MIGRATION_LOCK_TIMEOUT_S}s")
+                )
+            )
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+            conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema))
+            )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (version int PRIMARY KEY,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(migrations)
+            )
+            row = conn.execute(
+                sql.SQL("SELECT coalesce(max(version), 0) FROM {}").format(migrations)
+            ).fetchone()
+            applied = 0 if row is None else int(row[0])
+            migrations_known = _migrations(self._schema)
+            if applied > migrations_known[-1][0]:
+                # As the SQLite store does: a schema we do not know may mean things we
+                # do not know (a column the newer code relies on us to fill).
+                raise StoreUnavailableError(
+                    f"the PostgreSQL store at {self.url} has schema version {applied}, newer "
+                    f"than this wfstate knows ({migrations_known[-1][0]}); upgrade wfstate",
+                    target=self.url,
+                )
+            for version, statements in migrations_known:
+                if version <= applied:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(migrations), (version,)
+                )
+
+    def _statement(self, key: object, conn: _Connection, build: Any) -> bytes:
+        """The bytes of a statement, composed once per key (psycopg prepares by text)."""
+        statement = self._statements.get(key)
+        if statement is None:
+            composed: sql.Composable = build()
+            statement = composed.as_bytes(conn)
+            self._statements[key] = statement
+        return statement
+
+    def _sql(self, text: LiteralString, **parts: sql.Composable) -> sql.Composed:
+        """SQL text with the store's tables filled in: {executions}, {deltas}, ..."""
+        return sql.SQL(text).format(**self._identifiers, **parts)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClosedError(f"the store at {self.url} is closed")
+        if os.getpid() != self._pid:
+            # A forked child shares the parent's sockets: using them would interleave
+            # two processes' messages on one connection.
+            raise StoreUnavailableError(
+                f"the store at {self.url} was opened in process {self._pid}; connections "
+                "cannot cross fork(): open the store in this process",
+                target=self.url,
+            )
+
+    @contextmanager
+    def _connection(self, action: str) -> Iterator[_Connection]:
+        """A pooled connection; any driver or pool failure becomes StoreUnavailableError."""
+        self._check_usable()
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolClosed as e:
+            raise ClosedError(f"the store at {self.url} is closed") from e
+        except PoolTimeout as e:
+            raise StoreUnavailableError(
+                f"{action} failed: no connection to {self.url} within {self._timeout:g} s",
+                target=self.url,
+            ) from e
+        except psycopg.Error as e:
+            raise StoreUnavailableError(
+                f"{action} failed at {self.url}: {_reason(e)}", target=self.url
+            ) from e
+
+    # -- the Store protocol ---------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        with self._connection("reading the schema version") as conn:
+            row = conn.execute(
+                self._sql("SELECT coalesce(max(version), 0) FROM {migrations}")
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
+        outcomes: list[WfstateError | None] = [None] * len(items)
+        if not items:
+            self._check_usable()
+            return outcomes
+        batch = _Batch(items)
+        refusals: dict[str, WfstateError] = dict(batch.refused)
+        shape = batch.shape
+        if shape is not None:
+            with self._connection("writing") as conn:
+                statement = self._statement(shape, conn, lambda: self._write_statement(shape))
+                rows = conn.execute(statement, batch.parameters).fetchall()
+                refusals.update(self._refusals(conn, items, batch, rows))
+        for execution_id, error in refusals.items():
+            for position in batch.chains[execution_id]:
+                outcomes[position] = error
+        return outcomes
+
+    def _write_statement(self, shape: _WriteShape) -> sql.Composed:
+        if shape[0] == "one":
+            return self._write_one_statement(shape[1], shape[2])
+        return self._write_many_statement(shape[1], shape[2], shape[3])  # type: ignore[misc]
+
+    def _write_one_statement(self, creation: bool, snapshot: bool) -> sql.Composed:
+        """The statement that writes one version (the sync path), with scalar parameters.
+
+        The same steps as the batch statement below, without arrays: binding ~20 arrays
+        and planning their unnest cost about 150 µs more per call than these scalars
+        (measured; see docs/storage.md). The last part, which reports the stored
+        version on a conflict, runs only when the UPDATE matched no row.
+        """
+        if creation:
+            passed = self._sql(
+                """passed AS (
+                INSERT INTO {executions} (execution_id, workflow_id, status, version,
+                    created_at, updated_at, snapshot_version, forked_from_id,
+                    forked_from_version)
+                VALUES (%(id)s, %(workflow)s, %(status)s, %(version)s,
+                    timestamptz 'epoch' + %(created)s * interval '1 microsecond',
+                    timestamptz 'epoch' + %(updated)s * interval '1 microsecond',
+                    {snapshot_version}, %(forked_id)s, %(forked_version)s)
+                ON CONFLICT (execution_id) DO NOTHING
+                RETURNING execution_id
+            )""",
+                snapshot_version=sql.SQL("%(version)s" if snapshot else "0"),
+            )
+            result: sql.Composable = sql.SQL("SELECT execution_id, NULL::bigint FROM passed")
+        else:
+            passed = self._sql(
+                """passed AS (
+                UPDATE {executions} AS e
+                SET version = %(version)s,
+                    status = %(status)s,
+                    updated_at = timestamptz 'epoch' + %(updated)s * interval '1 microsecond',
+                    snapshot_version = {snapshot_version}
+                WHERE e.execution_id = %(id)s AND e.version = %(base)s
+                RETURNING e.execution_id
+            )""",
+                snapshot_version=sql.SQL("%(version)s" if snapshot else "e.snapshot_version"),
+            )
+            result = self._sql(
+                """SELECT execution_id, NULL::bigint FROM passed
+            UNION ALL
+            SELECT execution_id, version FROM {executions}
+            WHERE execution_id = %(id)s AND NOT EXISTS (SELECT FROM passed)"""
+            )
+        ctes = [
+            passed,
+            self._sql(
+                """ins AS (
+                INSERT INTO {deltas} (execution_id, version, recorded_at, actor, event_mask,
+                    node_ids, data)
+                SELECT execution_id, %(version)s,
+                    timestamptz 'epoch' + %(updated)s * interval '1 microsecond',
+                    %(actor)s, %(mask)s, %(nodes)s, %(data)s
+                FROM passed
+            )"""
+            ),
+        ]
+        if snapshot:
+            ctes.append(
+                self._sql(
+                    """snap AS (
+                INSERT INTO {snapshots} (execution_id, version, data)
+                SELECT execution_id, %(version)s, %(snapshot)s FROM passed
+            )"""
+                )
+            )
+        return sql.SQL("WITH {} {}").format(sql.SQL(",\n").join(ctes), result)
+
+    def _write_many_statement(
+        self, has_updates: bool, has_creations: bool, has_snapshots: bool
+    ) -> sql.Composed:
+        """The one statement that writes a batch of this shape (see docs/storage.md).
+
+        ``upd`` advances the rows whose version is the chain's base (under READ
+        COMMITTED a concurrent writer's commit is rechecked: the loser matches no
+        row), ``cre`` inserts the new rows (a concurrent creation makes ours a no-op),
+        ``ok`` is what passed, and only ok's deltas and snapshots are inserted. The
+        result: ``(id, NULL)`` per written execution and ``(id, version)`` per refused
+        update whose row exists, as of the statement's snapshot, so a conflict needs
+        no second round trip.
+        """
+        ctes: list[sql.Composable] = []
+        passed: list[sql.Composable] = []
+        if has_updates:
+            # Two batches that update the same rows in different orders deadlock. So the
+            # rows are locked first, in id order (LockRows above the Sort), and the
+            # UPDATE joins that CTE: whatever plan it gets, it reaches a row only after
+            # the CTE has locked it, and the CTE locks in order.
+            ctes.append(
+                self._sql(
+                    """locked AS (
+                SELECT e.execution_id FROM {executions} AS e
+                WHERE e.execution_id = ANY(%(u_id)s::text[])
+                ORDER BY e.execution_id
+                FOR NO KEY UPDATE
+            )"""
+                )
+            )
+            ctes.append(
+                self._sql(
+                    """upd AS (
+                UPDATE {executions} AS e
+                SET version = u.version,
+                    status = u.status,
+                    updated_at = timestamptz 'epoch' + u.updated_us * interval '1 microsecond',
+                    snapshot_version = coalesce(u.snapshot_version, e.snapshot_version)
+                FROM unnest(%(u_id)s::text[], %(u_base)s::bigint[], %(u_version)s::bigint[],
+                            %(u_status)s::text[], %(u_updated)s::bigint[],
+                            %(u_snapshot)s::bigint[])
+                    AS u(execution_id, base, version, status, updated_us, snapshot_version)
+                    JOIN locked USING (execution_id)
+                WHERE e.execution_id = u.execution_id AND e.version = u.base
+                RETURNING e.execution_id
+            )"""
+                )
+            )
+            ctes.append(
+                self._sql(
+                    """stale AS (
+                SELECT e.execution_id, e.version FROM {executions} AS e
+                WHERE e.execution_id = ANY(%(u_id)s::text[])
+                  AND e.execution_id NOT IN (SELECT execution_id FROM upd)
+            )"""
+                )
+            )
+            passed.append(sql.SQL("SELECT execution_id FROM upd"))
+        if has_creations:
+            ctes.append(
+                self._sql(
+                    """cre AS (
+                INSERT INTO {executions} (execution_id, workflow_id, status, version,
+                    created_at, updated_at, snapshot_version, forked_from_id,
+                    forked_from_version)
+                SELECT c.execution_id, c.workflow_id, c.status, c.version,
+                    timestamptz 'epoch' + c.created_us * interval '1 microsecond',
+                    timestamptz 'epoch' + c.updated_us * interval '1 microsecond',
+                    c.snapshot_version, c.forked_from_id, c.forked_from_version
+                FROM unnest(%(c_id)s::text[], %(c_workflow)s::text[], %(c_status)s::text[],
+                            %(c_version)s::bigint[], %(c_created)s::bigint[],
+                            %(c_updated)s::bigint[], %(c_snapshot)s::bigint[],
+                            %(c_forked_id)s::text[], %(c_forked_version)s::bigint[])
+                    AS c(execution_id, workflow_id, status, version, created_us, updated_us,
+                         snapshot_version, forked_from_id, forked_from_version)
+                ON CONFLICT (execution_id) DO NOTHING
+                RETURNING execution_id
+            )"""
+                )
+            )
+            passed.append(sql.SQL("SELECT execution_id FROM cre"))
+        ctes.append(sql.SQL("ok AS ({})").format(sql.SQL(" UNION ALL ").join(passed)))
+        ctes.append(
+            self._sql(
+                """ins AS (
+                INSERT INTO {deltas} (execution_id, version, recorded_at, actor, event_mask,
+                    node_ids, data)
+                SELECT d.execution_id, d.version,
+                    timestamptz 'epoch' + d.recorded_us * interval '1 microsecond',
+                    d.actor, d.event_mask::integer, d.node_ids::text[], d.data
+                FROM unnest(%(d_id)s::text[], %(d_version)s::bigint[],
+                            %(d_recorded)s::bigint[], %(d_actor)s::text[],
+                            %(d_mask)s::bigint[], %(d_nodes)s::text[], %(d_data)s::bytea[])
+                    AS d(execution_id, version, recorded_us, actor, event_mask, node_ids, data)
+                WHERE d.execution_id IN (SELECT execution_id FROM ok)
+            )"""
+            )
+        )
+        if has_snapshots:
+            ctes.append(
+                self._sql(
+                    """snap AS (
+                INSERT INTO {snapshots} (execution_id, version, data)
+                SELECT s.execution_id, s.version, s.data
+                FROM unnest(%(s_id)s::text[], %(s_version)s::bigint[], %(s_data)s::bytea[])
+                    AS s(execution_id, version, data)
+                WHERE s.execution_id IN (SELECT execution_id FROM ok)
+            )"""
+                )
+            )
+        result: sql.Composable = sql.SQL("SELECT execution_id, NULL::bigint FROM ok")
+        if has_updates:
+            result = sql.SQL("{} UNION ALL SELECT execution_id, version FROM stale").format(result)
+        return sql.SQL("WITH {} {}").format(sql.SQL(",\n").join(ctes), result)
+
+    def _refusals(
+        self,
+        conn: _Connection,
+        items: Sequence[WriteItem],
+        batch: _Batch,
+        rows: list[TupleRow],
+    ) -> dict[str, WfstateError]:
+        """The error of each chain the statement refused."""
+        written: set[str] = set()
+        stored: dict[str, int] = {}
+        for execution_id, version in rows:
+            if version is None:
+                written.add(execution_id)
+            else:
+                stored[execution_id] = version
+        refusals: dict[str, WfstateError] = {}
+        raced: list[str] = []
+        for execution_id, positions in batch.chains.items():
+            if execution_id in written or execution_id in batch.refused:
+                continue
+            base = items[positions[0]].record.base_version
+            if base == 0:
+                refusals[execution_id] = AlreadyExistsError(
+                    f"execution {execution_id!r} exists already"
+                )
+                continue
+            actual = stored.get(execution_id, 0)
+            if actual == base:
+                raced.append(execution_id)
+            refusals[execution_id] = ConflictError(execution_id, base, actual)
+        if raced:
+            # The row was at the base when the statement began and a concurrent writer
+            # moved it on before our UPDATE could: read the version it moved it to. The
+            # batch is committed, so a failure here must not raise; the conflict then
+            # reports the version as of the statement.
+            try:
+                for execution_id, version in conn.execute(
+                    self._statement(
+                        "versions",
+                        conn,
+                        lambda: self._sql(
+                            "SELECT execution_id, version FROM {executions}"
+                            " WHERE execution_id = ANY(%s::text[])"
+                        ),
+                    ),
+                    (_TextArray(raced),),
+                ):
+                    base = items[batch.chains[execution_id][0]].record.base_version
+                    refusals[execution_id] = ConflictError(execution_id, base, version)
+            except psycopg.Error:
+                pass
+        return refusals
+
+    def load(self, execution_id: str, *, version: int | None = None) -> LoadedExecution | None:
+        if not _findable(execution_id):
+            return None
+        with self._connection("loading") as conn:
+            statement = self._statement("load", conn, self._load_statement)
+            rows = conn.execute(
+                statement, {"id": execution_id, "version": _bigint(version)}
+            ).fetchall()
+        if not rows:
+            return None
+        _, snapshot_version, _, snapshot = rows[0]
+        deltas = [(version, recorded_us, data) for _, version, recorded_us, data in rows[1:]]
+        return LoadedExecution(execution_id, snapshot, snapshot_version, deltas)
+
+    def _load_statement(self) -> sql.Composed:
+        """One statement, so one round trip and one consistent snapshot of the tables.
+
+        ``target`` is the version asked for (the latest by default) if it is stored;
+        the first row gives the newest snapshot at or below it (version 0 and NULL
+        when none), the next ones the deltas after that snapshot, up to the target.
+        """
+        return self._sql(
+            """
+            WITH target AS (
+                SELECT coalesce(%(version)s::bigint, e.version) AS version
+                FROM {executions} AS e
+                WHERE e.execution_id = %(id)s
+                  AND coalesce(%(version)s::bigint, e.version) BETWEEN 1 AND e.version
+            ), snapshot AS (
+                SELECT s.version, s.data
+                FROM {snapshots} AS s, target AS t
+                WHERE s.execution_id = %(id)s AND s.version <= t.version
+                ORDER BY s.version DESC
+                LIMIT 1
+            )
+            SELECT 0 AS part, coalesce(snapshot.version, 0) AS version,
+                   NULL::bigint AS recorded_us, snapshot.data
+            FROM target LEFT JOIN snapshot ON true
+            UNION ALL
+            SELECT 1, d.version, (extract(epoch FROM d.recorded_at) * 1000000)::bigint,
+                   d.data
+            FROM {deltas} AS d, target AS t
+            WHERE d.execution_id = %(id)s
+              AND d.version > coalesce((SELECT version FROM snapshot), 0)
+              AND d.version <= t.version
+            ORDER BY part, version
+            """
+        )
+
+    def active_execution_ids(self) -> list[str]:
+        return self.list_execution_ids(statuses=ACTIVE_STATUSES)
+
+    def current_versions(self, execution_ids: Sequence[str]) -> dict[str, int]:
+        wanted = [execution_id for execution_id in execution_ids if _findable(execution_id)]
+        if not wanted:
+            return {}
+        with self._connection("reading versions") as conn:
+            statement = self._statement(
+                "versions",
+                conn,
+                lambda: self._sql(
+                    "SELECT execution_id, version FROM {executions}"
+                    " WHERE execution_id = ANY(%s::text[])"
+                ),
+            )
+            rows = conn.execute(statement, (_TextArray(wanted),)).fetchall()
+        return {execution_id: version for execution_id, version in rows}
+
+    def version_at(self, execution_id: str, at_us: int) -> int | None:
+        if not _findable(execution_id):
+            return None
+        with self._connection("reading a version") as conn:
+            statement = self._statement(
+                "version_at",
+                conn,
+                lambda: self._sql(
+                    "SELECT max(version) FROM {deltas} WHERE execution_id = %s"
+                    " AND recorded_at <= timestamptz 'epoch' + %s * interval '1 microsecond'"
+                ),
+            )
+            row = conn.execute(statement, (execution_id, _bigint(at_us))).fetchone()
+        return None if row is None else row[0]
+
+    def read_deltas(
+        self,
+        execution_id: str,
+        *,
+        after_version: int | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> list[tuple[int, int, str | None, bytes]]:
+        if not _findable(execution_id):
+            return []
+        given = (after_version is not None, since_us is not None, until_us is not None)
+
+        def build() -> sql.Composed:
+            conditions = [sql.SQL("execution_id = %(id)s")]
+            if given[0]:
+                conditions.append(sql.SQL("version > %(after)s"))
+            if given[1]:
+                conditions.append(
+                    sql.SQL(
+                        "recorded_at >= timestamptz 'epoch' + %(since)s * interval '1 microsecond'"
+                    )
+                )
+            if given[2]:
+                conditions.append(
+                    sql.SQL(
+                        "recorded_at < timestamptz 'epoch' + %(until)s * interval '1 microsecond'"
+                    )
+                )
+            return sql.SQL(
+                "SELECT version, (extract(epoch FROM recorded_at) * 1000000)::bigint, actor,"
+                " data FROM {} WHERE {} ORDER BY version"
+            ).format(self._identifiers["deltas"], sql.SQL(" AND ").join(conditions))
+
+        parameters = {
+            "id": execution_id,
+            "after": _bigint(after_version),
+            "since": _bigint(since_us),
+            "until": _bigint(until_us),
+        }
+        with self._connection("reading deltas") as conn:
+            statement = self._statement(("read_deltas", given), conn, build)
+            rows = conn.execute(statement, parameters).fetchall()
+        return [(version, at_us, actor, data) for version, at_us, actor, data in rows]
+
+    def list_execution_ids(
+        self,
+        *,
+        statuses: Sequence[str] | None = None,
+        workflow_id: str | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
+        if statuses is not None:
+            statuses = [status for status in statuses if _findable(status)]
+            if not statuses:
+                return []
+        if workflow_id is not None and not _findable(workflow_id):
+            return []
+        # A negative limit slices like the memory store (drops from the end), so SQL
+        # only gets the non-negative ones.
+        sql_limit = limit is not None and limit >= 0
+        given = (statuses is not None, workflow_id is not None, sql_limit)
+
+        def build() -> sql.Composed:
+            conditions = []
+            if given[0]:
+                conditions.append(sql.SQL("status = ANY(%(statuses)s::text[])"))
+            if given[1]:
+                conditions.append(sql.SQL("workflow_id = %(workflow_id)s"))
+            where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions)
+            return sql.SQL(
+                "SELECT execution_id FROM {}{} ORDER BY created_at, execution_id{}"
+            ).format(
+                self._identifiers["executions"],
+                where if conditions else sql.SQL(""),
+                sql.SQL(" LIMIT %(limit)s") if given[2] else sql.SQL(""),
+            )
+
+        parameters = {
+            "statuses": None if statuses is None else _TextArray(statuses),
+            "workflow_id": workflow_id,
+            "limit": _bigint(limit),
+        }
+        with self._connection("listing executions") as conn:
+            statement = self._statement(("list", given), conn, build)
+            ids = [execution_id for (execution_id,) in conn.execute(statement, parameters)]
+        return ids if limit is None or sql_limit else ids[:limit]
+
+    def storage_bytes(self) -> int:
+        with self._connection("measuring storage") as conn:
+            row = conn.execute(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint"
+                " FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = ANY(%s::text[]) AND c.relkind = 'r'",
+                (self._schema, list(_TABLES)),
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pool.close()
