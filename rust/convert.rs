@@ -66,6 +66,12 @@ pub fn check_id(text: &str, what: &str) -> Result<(), CoreError> {
             "{what} is longer than {MAX_ID_CHARS} characters"
         )));
     }
+    // Ids become text columns: PostgreSQL's text cannot hold NUL, so no store may.
+    if text.as_bytes().contains(&0) {
+        return Err(CoreError::Validation(format!(
+            "{what} contains a NUL character"
+        )));
+    }
     Ok(())
 }
 

@@ -365,6 +365,23 @@ impl Engine {
         Ok(current.clone())
     }
 
+    /// Reset an execution to `state` (the store's truth after it refused versions the
+    /// write-behind held), even backwards. Returns the ring's next sequence number at
+    /// the reset: the execution's events below it belong to the refused lineage.
+    pub fn replace(&self, state: State) -> Result<u64, CoreError> {
+        let slot = self.slot(&state.execution_id)?;
+        let mut current = slot.current.lock();
+        let mut state = state;
+        state.created_seq = current.created_seq;
+        let state = Arc::new(state);
+        // Under the slot lock no publish of this execution can slip in between.
+        let reset_seq =
+            self.ring
+                .reset_execution(&state.execution_id, state.version, state.updated_at);
+        *current = state;
+        Ok(reset_seq)
+    }
+
     /// Forget an execution (a store-backed manager evicting a finished one).
     pub fn forget(&self, execution_id: &str) -> bool {
         self.map.remove(execution_id).is_some()

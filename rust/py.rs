@@ -902,6 +902,12 @@ impl PyCore {
         })
     }
 
+    /// Reset an execution to a state loaded from the store, even backwards; returns the
+    /// ring sequence number from which its events follow the new state.
+    fn replace(&self, state: &PyWorkflowState) -> PyResult<u64> {
+        Ok(self.engine.replace(State::clone(&state.state))?)
+    }
+
     /// Drop an execution from memory (the store keeps it).
     fn forget(&self, execution_id: &Bound<'_, PyAny>) -> PyResult<bool> {
         Ok(self.engine.forget(id_str(execution_id, "execution_id")?))

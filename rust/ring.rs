@@ -397,6 +397,19 @@ impl Ring {
         }
     }
 
+    /// Forget the indexed events of `execution_id` (a lineage the store refused) and
+    /// answer for versions up to `version` from the store from now on. Returns the next
+    /// sequence number: the execution's later events follow the reset.
+    pub fn reset_execution(&self, execution_id: &Arc<str>, version: u64, timestamp: i64) -> u64 {
+        let mut inner = self.inner.lock();
+        let next_seq = inner.next_seq();
+        let index = inner.index.entry(execution_id.clone()).or_default();
+        index.seqs.clear();
+        index.evicted_version = version;
+        index.evicted_until = timestamp;
+        next_seq
+    }
+
     /// Record that `execution_id` was loaded from a store at `version`: its earlier
     /// events are not in the ring, and queries for them must go to the store.
     pub fn mark_loaded(&self, execution_id: &Arc<str>, version: u64, timestamp: i64) {
@@ -496,9 +509,12 @@ impl Inner {
             self.first_seq += 1;
             let event = &slot.event;
             if let Some(index) = self.index.get_mut(&event.execution_id) {
-                index.seqs.pop_front();
-                index.evicted_version = event.version;
-                index.evicted_until = event.timestamp;
+                // After a reset the execution's index no longer lists its older events.
+                if index.seqs.front() == Some(&event.seq) {
+                    index.seqs.pop_front();
+                    index.evicted_version = event.version;
+                    index.evicted_until = event.timestamp;
+                }
             }
         }
         true

@@ -16,6 +16,7 @@ thread, which is the only one touching its cursor.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -25,7 +26,14 @@ from typing import Final, TypedDict
 
 from wfstate import _core
 from wfstate._core import VersionRecord
-from wfstate.errors import ClosedError, StoreUnavailableError, ValidationError, WfstateError
+from wfstate.errors import (
+    ClosedError,
+    ConflictError,
+    NotFoundError,
+    StoreUnavailableError,
+    ValidationError,
+    WfstateError,
+)
 from wfstate.store.base import LoadedExecution, Store, WriteItem
 
 __all__ = [
@@ -215,6 +223,8 @@ class FlusherStats(TypedDict):
     flush_retries: int
     store_failing_for: float | None
     last_store_error: str | None
+    refused_versions: int
+    last_refusal: str | None
 
 
 class Flusher:
@@ -246,7 +256,12 @@ class Flusher:
         self._retries = 0
         self._batches = 0
         self._versions = 0
-        self._conflicts: list[WfstateError] = []
+        # Refused write-behind versions: reported by the next flush(), counted in stats.
+        self._refusals: list[WfstateError] = []
+        self._refused_versions = 0
+        self._last_refusal: str | None = None
+        # execution id -> the ring seq from which its events follow the stored state.
+        self._reset_at: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="wfstate-flusher", daemon=True)
         self._thread.start()
 
@@ -269,6 +284,7 @@ class Flusher:
                 if self._stopping and self._caught_up():
                     return
                 records = self._cursor.read_records(self._max_batch, timeout=self._flush_interval)
+                records = self._drop_refused_lineage(records)
                 if not records:
                     self._mark_committed()
                     continue
@@ -278,18 +294,14 @@ class Flusher:
             except StoreUnavailableError as error:
                 if self._stopping:
                     return  # close() gave up waiting: what is pending dies with the process
-                self._retries += 1
-                with self._cond:
-                    self._last_error = str(error)
-                    if self._failing_since is None:
-                        self._failing_since = time.monotonic()
-                    self._cond.notify_all()
-                backoff = min(self._max_backoff, max(0.01, backoff * 2))
-                self._hurry.wait(random.uniform(backoff / 2, backoff))
-                self._hurry.clear()
+                backoff = self._failed(error, backoff)
                 continue
             backoff = 0.0
-            refused = [outcome for outcome in outcomes if outcome is not None]
+            refused = [
+                (item, outcome)
+                for item, outcome in zip(pending, outcomes, strict=True)
+                if outcome is not None
+            ]
             self._batches += 1
             self._versions += len(pending) - len(refused)
             full = len(pending) >= self._max_batch
@@ -297,13 +309,79 @@ class Flusher:
             with self._cond:
                 self._last_error = None
                 self._failing_since = None
-                # Refusals mean another writer changed these executions in the store.
-                self._conflicts.extend(refused[:100])
+            if refused:
+                self._reconcile(refused)
             self._mark_committed()
             if not full and not self._stopping:
                 # Let a batch build up, unless someone waits for durability.
                 self._hurry.wait(self._flush_interval)
                 self._hurry.clear()
+
+    def _failed(self, error: StoreUnavailableError, backoff: float) -> float:
+        """Count a failed store call and wait a jittered, growing while."""
+        self._retries += 1
+        with self._cond:
+            self._last_error = str(error)
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+            self._cond.notify_all()
+        backoff = min(self._max_backoff, max(0.01, backoff * 2))
+        self._hurry.wait(random.uniform(backoff / 2, backoff))
+        self._hurry.clear()
+        return backoff
+
+    def _drop_refused_lineage(self, records: list[VersionRecord]) -> list[VersionRecord]:
+        """Leave out versions computed on a lineage the store refused (before a reset)."""
+        if not self._reset_at:
+            return records
+        kept = []
+        for record in records:
+            reset_seq = self._reset_at.get(record.execution_id)
+            if reset_seq is not None and record.last_seq < reset_seq:
+                self._refused_versions += 1
+                continue
+            kept.append(record)
+        return kept
+
+    def _reconcile(self, refused: list[tuple[WriteItem, WfstateError]]) -> None:
+        """The store refused these versions (another writer changed the execution, or it
+        cannot hold the data): reset memory to what the store holds, so that later
+        writes build on the stored version, and report the loss at the next flush()."""
+        by_execution: dict[str, list[tuple[WriteItem, WfstateError]]] = {}
+        for item, outcome in refused:
+            by_execution.setdefault(item.record.execution_id, []).append((item, outcome))
+        backoff = 0.0
+        for execution_id, chain in by_execution.items():
+            while True:
+                try:
+                    loaded = self._store.load(execution_id)
+                    break
+                except StoreUnavailableError as error:
+                    if self._stopping:
+                        return
+                    backoff = self._failed(error, backoff)
+            first, last = chain[0][0].record.version, chain[-1][0].record.version
+            self._refused_versions += len(chain)
+            if loaded is not None:
+                stored = _core.rebuild(execution_id, loaded.snapshot, loaded.deltas)
+                with contextlib.suppress(NotFoundError):
+                    self._reset_at[execution_id] = self._core.replace(stored)
+                self._tracker.seed(loaded)
+            refusal = chain[0][1]
+            message = (
+                f"the store refused write-behind versions {first}..{last} of execution "
+                f"{execution_id!r} ({refusal}); they are lost, and the execution was reset "
+                "to the stored state"
+            )
+            report: WfstateError
+            if isinstance(refusal, ConflictError):
+                report = ConflictError(execution_id, refusal.expected, refusal.actual)
+                report.args = (message,)
+            else:
+                report = StoreUnavailableError(message, target=self._store.url)
+            with self._cond:
+                self._last_refusal = message
+                self._refusals.append(report)
 
     def _caught_up(self) -> bool:
         return self._cursor.position >= self._core.stats()["next_seq"]
@@ -314,8 +392,20 @@ class Flusher:
             self._committed = self._cursor.committed
             self._cond.notify_all()
 
-    def flush(self, timeout: float | None) -> None:
-        """Block until every event recorded before the call is stored."""
+    def flush(self, timeout: float | None, *, report: bool = True) -> None:
+        """Block until every event recorded before the call is stored.
+
+        With ``report``, then raise the first refusal since the last report (the
+        store refused versions the write-behind held; see ``_reconcile``).
+        """
+        self._barrier(timeout)
+        if report:
+            with self._cond:
+                refusals, self._refusals = self._refusals, []
+            if refusals:
+                raise refusals[0]
+
+    def _barrier(self, timeout: float | None) -> None:
         target = self._core.stats()["next_seq"]
         deadline = None if timeout is None else time.monotonic() + timeout
         self._hurry.set()
@@ -347,11 +437,6 @@ class Flusher:
             self._cursor.close()
             self._thread.join(timeout=None if timeout is None else max(timeout, 0.1))
 
-    def take_conflicts(self) -> list[WfstateError]:
-        with self._cond:
-            conflicts, self._conflicts = self._conflicts, []
-        return conflicts
-
     def stats(self) -> FlusherStats:
         next_seq = self._core.stats()["next_seq"]
         with self._cond:
@@ -365,6 +450,8 @@ class Flusher:
                 flush_retries=self._retries,
                 store_failing_for=failing,
                 last_store_error=self._last_error,
+                refused_versions=self._refused_versions,
+                last_refusal=self._last_refusal,
             )
 
 

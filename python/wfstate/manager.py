@@ -91,8 +91,10 @@ class ManagerStats(TypedDict, total=False):
     ``durability``, ``group_commits`` and ``group_committed_versions`` (sync writes
     and the transactions that carried them). In async mode: ``pending_events`` (the
     write-behind lag), ``flush_batches``, ``flushed_versions``, ``flush_retries``,
-    ``store_failing_for`` (seconds the store has been failing, or None) and
-    ``last_store_error``.
+    ``store_failing_for`` (seconds the store has been failing, or None),
+    ``last_store_error``, ``refused_versions`` (write-behind versions the store refused
+    because another writer changed the execution: lost, and the execution reset to the
+    stored state) and ``last_refusal``.
     """
 
     executions: Required[int]
@@ -112,6 +114,8 @@ class ManagerStats(TypedDict, total=False):
     flush_retries: int
     store_failing_for: float | None
     last_store_error: str | None
+    refused_versions: int
+    last_refusal: str | None
 
 
 class StateManager:
@@ -320,10 +324,19 @@ class StateManager:
         """Wait until every update applied so far is durable (async mode).
 
         A no-op in memory and in sync mode. Raises ``StoreUnavailableError`` if the
-        store does not take them within ``timeout`` seconds.
+        store does not take them within ``timeout`` seconds, and ``ConflictError``
+        when, since the last ``flush()``, the store refused versions the write-behind
+        held (another writer had changed that execution): those versions are lost and
+        the execution was reset to the stored state (``stats()["refused_versions"]``).
         """
         if self._flusher is not None:
             self._flusher.flush(timeout)
+
+    def _settle(self) -> None:
+        """Before reading the store in async mode: let the write-behind catch up (a
+        refusal is reported by the caller's next ``flush()``, not by a read)."""
+        if self._flusher is not None:
+            self._flusher.flush(timeout=30.0, report=False)
 
     def recover(self) -> list[WorkflowState]:
         """The executions that were running or suspended when the store was opened.
@@ -500,7 +513,7 @@ class StateManager:
         with self._stripe(execution_id):
             if self._flusher is not None:
                 # Critical update in async mode: everything before it goes first.
-                self._flusher.flush(timeout=30.0)
+                self._flusher.flush(timeout=30.0, report=False)
             for _attempt in range(_REBASE_ATTEMPTS):
                 try:
                     prepared = core.prepare(execution_id, update, expected_version, actor)
@@ -581,14 +594,10 @@ class StateManager:
                 core.publish(new, persisted=False)
                 self._link_fork(execution_id, source.version, new.execution_id, actor)
                 return new.state
-            link = core.prepare_fork_link(execution_id, source.version, new.execution_id, actor)
-            try:
-                # Both sides in one transaction when nobody else wrote the source.
-                self._commit([new, link])
-            except ConflictError:
-                if core.get(new.execution_id).version != 1:
-                    raise
-                self._link_fork(execution_id, source.version, new.execution_id, actor)
+            # The new execution first: the store refuses an id it holds already, and
+            # its first event names the source, so a crash in between loses no link.
+            self._commit([new])
+            self._link_fork(execution_id, source.version, new.execution_id, actor)
         return new.state
 
     def _link_fork(
@@ -654,7 +663,7 @@ class StateManager:
                 return self._core.get_version(execution_id, version)
             except HistoryEvictedError:
                 pass
-        self.flush()
+        self._settle()
         state = self._load(execution_id, version)
         if state is None:
             raise NotFoundError(f"execution {execution_id!r} has no stored version {version}")
@@ -672,7 +681,7 @@ class StateManager:
         except HistoryEvictedError:
             if self._store is None:
                 raise
-            self.flush()
+            self._settle()
             found = self._store.version_at(execution_id, at_us)
             if found is None:
                 raise NotFoundError(
@@ -712,7 +721,7 @@ class StateManager:
         except (HistoryEvictedError, NotFoundError):
             if self._store is None:
                 raise
-            self.flush()
+            self._settle()
             state = self.get_state(execution_id)
             deltas = self._store.read_deltas(
                 execution_id,
@@ -754,7 +763,7 @@ class StateManager:
             return self._core.list(statuses, workflow_id, limit)
         # Check the arguments exactly as the in-memory path does.
         self._core.list(statuses, workflow_id, 0)
-        self.flush()
+        self._settle()
         ids = self._store.list_execution_ids(
             statuses=None if statuses is None else [str(ExecutionStatus(s)) for s in statuses],
             workflow_id=workflow_id,
@@ -809,6 +818,8 @@ class StateManager:
                 stats["flush_retries"] = flusher["flush_retries"]
                 stats["store_failing_for"] = flusher["store_failing_for"]
                 stats["last_store_error"] = flusher["last_store_error"]
+                stats["refused_versions"] = flusher["refused_versions"]
+                stats["last_refusal"] = flusher["last_refusal"]
         return stats
 
     def storage_bytes(self) -> int:

@@ -656,6 +656,26 @@ fn make_id(n: u64, salt: u64) -> Arc<str> {
 struct Counts {
     ops: u64,
     cas_ok: u64,
+    /// Time the thread spent on a core, where the OS tells it.
+    cpu_ns: Option<u64>,
+}
+
+/// This thread's time on a core so far (Linux's schedstat), in ns.
+fn thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// The figures of one run of a cell.
+#[derive(Clone, Copy)]
+struct Sample {
+    /// Mean latency of one op on one thread: threads x wall / ops.
+    ns: f64,
+    /// Ops of all threads together per second, in millions.
+    mops: f64,
+    /// Time the threads were on a core / (wall x min(threads, cores)).
+    cpu: Option<f64>,
+    cas_ok: u64,
 }
 
 fn worker<M: StateMap>(
@@ -667,6 +687,7 @@ fn worker<M: StateMap>(
     deadline: Instant,
     stop: &AtomicBool,
 ) -> Counts {
+    let cpu_start = thread_cpu_ns();
     let mut rng = Rng::new(seed);
     let n = keys.len() as u64;
     let mut fresh = new_keys.iter();
@@ -700,10 +721,11 @@ fn worker<M: StateMap>(
             break;
         }
     }
+    counts.cpu_ns = cpu_start.zip(thread_cpu_ns()).map(|(a, b)| b - a);
     counts
 }
 
-/// Runs one cell; returns (per-thread ns/op, total Mops/s, successful CAS).
+/// Runs one cell once.
 fn run_cell<M: StateMap>(
     map: &M,
     keys: &[Arc<str>],
@@ -712,7 +734,7 @@ fn run_cell<M: StateMap>(
     threads: usize,
     duration: Duration,
     seed: u64,
-) -> (f64, f64, u64) {
+) -> Sample {
     let barrier = Barrier::new(threads + 1);
     let stop = AtomicBool::new(false);
     let chunk = new_keys.len() / threads;
@@ -730,19 +752,27 @@ fn run_cell<M: StateMap>(
             .collect();
         barrier.wait();
         let start = Instant::now();
-        let mut total = Counts::default();
+        let mut total = Counts {
+            cpu_ns: Some(0),
+            ..Counts::default()
+        };
         for handle in handles {
             let c = handle.join().expect("worker panicked");
             total.ops += c.ops;
             total.cas_ok += c.cas_ok;
+            total.cpu_ns = total.cpu_ns.zip(c.cpu_ns).map(|(a, b)| a + b);
         }
         let secs = start.elapsed().as_secs_f64();
         let ops = total.ops as f64;
-        (
-            secs * 1e9 * threads as f64 / ops,
-            ops / secs / 1e6,
-            total.cas_ok,
-        )
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Sample {
+            ns: secs * 1e9 * threads as f64 / ops,
+            mops: ops / secs / 1e6,
+            cpu: total
+                .cpu_ns
+                .map(|cpu| cpu as f64 / (secs * 1e9 * threads.min(cores) as f64)),
+            cas_ok: total.cas_ok,
+        }
     })
 }
 
@@ -780,8 +810,8 @@ fn self_test<M: StateMap>() {
     assert_eq!(map.cas(&b, 1, state), Err(MISSING), "{}", M::NAME);
 }
 
-/// One (ns/op, Mops/s) figure per row of the table.
-type Figures = Vec<(f64, f64)>;
+/// One sample per row of the table.
+type Figures = Vec<Sample>;
 
 fn env_ms(name: &str, default: u64) -> Duration {
     let ms = std::env::var(name)
@@ -808,9 +838,9 @@ fn bench_map<M: StateMap>(keys: &[Arc<str>], new_keys: &[Arc<str>]) -> Figures {
         for (t, threads) in THREADS.into_iter().enumerate() {
             let seed = ((w * THREADS.len() + t) * (REPEATS + 1)) as u64;
             if workload.insert_pct == 0 {
-                cas_ok += run_cell(&map, keys, &[], workload, threads, warmup, seed).2;
+                cas_ok += run_cell(&map, keys, &[], workload, threads, warmup, seed).cas_ok;
             }
-            let mut best = (f64::INFINITY, 0.0);
+            let mut best: Option<Sample> = None;
             for r in 0..REPEATS {
                 let fresh = if workload.insert_pct == 0 {
                     &[][..]
@@ -819,13 +849,13 @@ fn bench_map<M: StateMap>(keys: &[Arc<str>], new_keys: &[Arc<str>]) -> Figures {
                     &new_keys[start..start + share]
                 };
                 let seed = seed + 1 + r as u64;
-                let (ns, mops, ok) = run_cell(&map, keys, fresh, workload, threads, measure, seed);
-                cas_ok += ok;
-                if mops > best.1 {
-                    best = (ns, mops);
+                let sample = run_cell(&map, keys, fresh, workload, threads, measure, seed);
+                cas_ok += sample.cas_ok;
+                if best.is_none_or(|b| sample.mops > b.mops) {
+                    best = Some(sample);
                 }
             }
-            figures.push(best);
+            figures.extend(best);
         }
     }
     // Every successful CAS must have added exactly one version.
@@ -874,8 +904,8 @@ fn row_label(keys: usize, workload: &Workload, threads: usize) -> String {
 /// One table: a row per (keys, workload, threads), a column per map, the best cell starred.
 fn print_table(
     title: &str,
-    rows: &[(String, Vec<(f64, f64)>)],
-    pick: fn(&(f64, f64)) -> f64,
+    rows: &[(String, Vec<Sample>)],
+    pick: fn(&Sample) -> f64,
     lower_is_better: bool,
 ) {
     let mut out = String::new();
@@ -884,7 +914,7 @@ fn print_table(
     for (name, _) in MAPS {
         let _ = write!(out, "{name:>CELL_WIDTH$}");
     }
-    out.push('\n');
+    out.push_str("  cpu%\n");
     for (label, cells) in rows {
         let values: Vec<f64> = cells.iter().map(pick).collect();
         let best = values.iter().copied().fold(
@@ -907,7 +937,12 @@ fn print_table(
             };
             let _ = write!(out, "{:>width$}{mark}", text, width = CELL_WIDTH - 1);
         }
-        out.push('\n');
+        match cells.iter().filter_map(|c| c.cpu).reduce(f64::min) {
+            Some(cpu) => {
+                let _ = writeln!(out, "{:>6.0}", cpu * 100.0);
+            }
+            None => out.push_str("     -\n"),
+        }
     }
     print!("{out}");
 }
@@ -915,7 +950,7 @@ fn print_table(
 type RowFilter = fn(&str) -> bool;
 
 /// Geometric mean, per map, of its ns/op over the row's best, on the rows `keep` selects.
-fn print_summary(rows: &[(String, Vec<(f64, f64)>)]) {
+fn print_summary(rows: &[(String, Vec<Sample>)]) {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -939,8 +974,8 @@ fn print_summary(rows: &[(String, Vec<(f64, f64)>)]) {
             let mut log_sum = 0.0;
             let mut count = 0.0;
             for (_, cells) in rows.iter().filter(|(l, _)| keep(l)) {
-                let best = cells.iter().map(|c| c.0).fold(f64::INFINITY, f64::min);
-                log_sum += (cells[m].0 / best).ln();
+                let best = cells.iter().map(|c| c.ns).fold(f64::INFINITY, f64::min);
+                log_sum += (cells[m].ns / best).ln();
                 count += 1.0;
             }
             let _ = write!(out, "{:>CELL_WIDTH$.2}", (log_sum / count).exp());
@@ -984,10 +1019,15 @@ fn main() {
          Mops/s = all threads together; * = fastest in the row"
     );
     println!(
+        "cpu% = the lowest, over the row's maps, of on-core time / (wall x min(threads, \
+         cores)): below ~90 in a 1t row, other work took the core; in 2t/4t rows, blocking \
+         on locks lowers it too"
+    );
+    println!(
         "cas = get + build the next Arc<State> + compare-and-swap on the version read; \
          -e = CAS under the map's own entry lock; papaya-c = lock-free compute (not eligible)"
     );
-    let mut rows: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut rows: Vec<(String, Vec<Sample>)> = Vec::new();
     for (k, &count) in KEY_COUNTS.iter().enumerate() {
         let salt = k as u64 + 1;
         let keys: Vec<Arc<str>> = (0..count as u64).map(|i| make_id(i, salt)).collect();
@@ -1010,8 +1050,8 @@ fn main() {
             }
         }
     }
-    print_table("ns/op (lower is better)", &rows, |c| c.0, true);
-    print_table("Mops/s (higher is better)", &rows, |c| c.1, false);
+    print_table("ns/op (lower is better)", &rows, |c| c.ns, true);
+    print_table("Mops/s (higher is better)", &rows, |c| c.mops, false);
     print_summary(&rows);
     println!("\ntotal run time {:.1} s", started.elapsed().as_secs_f64());
 }

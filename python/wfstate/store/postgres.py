@@ -21,10 +21,10 @@ import os
 import select
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, LiteralString
+from typing import Any, LiteralString, NamedTuple
 
 import psycopg
 from psycopg import postgres, pq, sql
@@ -154,7 +154,8 @@ def _migrations(schema: str) -> list[tuple[int, list[sql.Composed]]]:
 
 
 def _storable(text: str) -> bool:
-    """PostgreSQL text cannot hold NUL; the core accepts it in ids, actors and node ids."""
+    """PostgreSQL text cannot hold NUL (the core refuses it in ids, actors and node ids;
+    a record that slips through costs its own chain, not the whole batch)."""
     return "\x00" not in text
 
 
@@ -317,9 +318,14 @@ def _reason(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-#: What a write statement must do: ("one", creation?, snapshot?) for a batch of one
-#: item, ("many", updates?, creations?, snapshots?) for the rest.
-_WriteShape = tuple[str, bool, bool] | tuple[str, bool, bool, bool]
+class _WriteShape(NamedTuple):
+    """What a write statement must do; one statement is composed per shape."""
+
+    #: One item: scalar parameters (the sync path). Otherwise arrays.
+    single: bool
+    updates: bool
+    creations: bool
+    snapshots: bool
 
 
 class _Batch:
@@ -359,7 +365,7 @@ class _Batch:
     def _one(self, item: WriteItem) -> None:
         record = item.record
         creation = record.base_version == 0
-        self.shape = ("one", creation, item.snapshot is not None)
+        self.shape = _WriteShape(True, not creation, creation, item.snapshot is not None)
         forked_from = record.forked_from
         self.parameters = {
             "id": record.execution_id,
@@ -435,7 +441,7 @@ class _Batch:
                 u_snapshot.append(snapshot_version)
         if not (u_id or c_id):
             return
-        self.shape = ("many", bool(u_id), bool(c_id), bool(s_id))
+        self.shape = _WriteShape(False, bool(u_id), bool(c_id), bool(s_id))
         if u_id:
             self.parameters.update(
                 u_id=u_id, u_base=u_base, u_version=u_version, u_status=u_status,
@@ -486,6 +492,14 @@ class PostgresStore:
         pool_size: int = 8,
         schema: str = "public",
     ) -> None:
+        if not (isinstance(connect_timeout, int | float) and 0 < connect_timeout < math.inf):
+            raise ValidationError(
+                f"connect_timeout must be a positive number of seconds, not {connect_timeout!r}"
+            )
+        if not (isinstance(pool_size, int) and pool_size >= 1):
+            raise ValidationError(f"pool_size must be an int >= 1, not {pool_size!r}")
+        if not (isinstance(schema, str) and schema and _findable(schema)):
+            raise ValidationError(f"schema must be a non-empty str, not {schema!r}")
         self.url = display
         self._pid = os.getpid()
         self._schema = schema
@@ -526,7 +540,7 @@ class PostgresStore:
             conninfo,
             kwargs={"autocommit": True, **settings},
             min_size=1,
-            max_size=max(1, pool_size),
+            max_size=pool_size,
             open=False,
             configure=_configure,
             check=_check_idle,
@@ -601,12 +615,13 @@ class PostgresStore:
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(migrations), (version,)
                 )
 
-    def _statement(self, key: object, conn: _Connection, build: Any) -> bytes:
+    def _statement(
+        self, key: object, conn: _Connection, build: Callable[[], sql.Composable]
+    ) -> bytes:
         """The bytes of a statement, composed once per key (psycopg prepares by text)."""
         statement = self._statements.get(key)
         if statement is None:
-            composed: sql.Composable = build()
-            statement = composed.as_bytes(conn)
+            statement = build().as_bytes(conn)
             self._statements[key] = statement
         return statement
 
@@ -673,9 +688,9 @@ class PostgresStore:
         return outcomes
 
     def _write_statement(self, shape: _WriteShape) -> sql.Composed:
-        if shape[0] == "one":
-            return self._write_one_statement(shape[1], shape[2])
-        return self._write_many_statement(shape[1], shape[2], shape[3])  # type: ignore[misc]
+        if shape.single:
+            return self._write_one_statement(shape.creations, shape.snapshots)
+        return self._write_many_statement(shape.updates, shape.creations, shape.snapshots)
 
     def _write_one_statement(self, creation: bool, snapshot: bool) -> sql.Composed:
         """The statement that writes one version (the sync path), with scalar parameters.

@@ -1,0 +1,80 @@
+"""The process ``test_crash.py`` kills: it updates executions until SIGKILL stops it.
+
+Run as ``python crash_child.py URL DURABILITY SEED``. It imports everything, prints
+``loaded`` and waits for a line on stdin (so the parent can start it ahead of time),
+opens the store, makes sure ``EXECUTIONS`` exist, prints ``ready`` and then updates
+them at random forever, printing one line per acknowledged change, flushed at once:
+
+- ``ack <execution_id> <version> <value> <critical>``: ``update_state`` returned
+  ``version`` for an update that set the variable ``value`` (``critical`` is 1 when
+  the update changed the status, which async mode writes before returning);
+- ``flushed``: ``flush()`` returned (async mode): every ``ack`` above is durable.
+
+It must never print an ``ack`` before the call returned, nor catch a failure and go
+on as if it had been stored.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Literal
+
+from wfstate import ExecutionStatus, NotFoundError, SnapshotPolicy, StateManager
+
+EXECUTIONS = ("crash-0", "crash-1", "crash-2", "crash-3")
+#: Async mode: call flush() after this many updates.
+FLUSH_EVERY = 25
+#: Snapshots now and then, so that loads and replays from version 1 take different paths.
+SNAPSHOT_POLICY = SnapshotPolicy(every_versions=7)
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def main(url: str, durability: Literal["sync", "async"], seed: int) -> None:
+    rng = random.Random(seed)
+    say("loaded")
+    sys.stdin.readline()
+    manager = StateManager.open(
+        url, durability=durability, flush_interval=0.02, snapshot_policy=SNAPSHOT_POLICY
+    )
+    for execution_id in EXECUTIONS:
+        try:
+            manager.get_state(execution_id)
+        except NotFoundError:
+            state = manager.create_execution(
+                execution_id, workflow_id="crash", variables={"value": f"{seed}-created"}
+            )
+            say(f"ack {execution_id} {state.version} {seed}-created 0")
+    if durability == "async":
+        manager.flush()
+        say("flushed")
+    say("ready")
+    counter = 0
+    while True:
+        counter += 1
+        execution_id = rng.choice(EXECUTIONS)
+        value = f"{seed}-{counter}"
+        update: dict[str, object] = {"variables": {"value": value}}
+        critical = rng.random() < 0.1
+        if critical:
+            status = manager.get_state(execution_id).status
+            update["status"] = (
+                ExecutionStatus.SUSPENDED
+                if status is ExecutionStatus.RUNNING
+                else ExecutionStatus.RUNNING
+            )
+        version = manager.update_state(execution_id, update)
+        say(f"ack {execution_id} {version} {value} {int(critical)}")
+        if durability == "async" and counter % FLUSH_EVERY == 0:
+            manager.flush()
+            say("flushed")
+
+
+if __name__ == "__main__":
+    mode = sys.argv[2]
+    assert mode in ("sync", "async")
+    main(sys.argv[1], "sync" if mode == "sync" else "async", int(sys.argv[3]))
