@@ -2,11 +2,12 @@
 
 ``write`` is one SQL statement in one round trip, in autocommit mode: a data-modifying
 CTE that checks every execution's version, advances the rows that pass and inserts
-their deltas and snapshots, so a sync update costs about one autocommit INSERT. The
-statement's text depends only on which parts a batch needs (updates, creations,
+their deltas and snapshots, so a sync update costs about one autocommit INSERT. A
+batch's statement depends only on which parts it needs (updates, creations,
 snapshots), never on its size: rows travel as arrays that ``unnest`` turns back into
-rows, so each shape is parsed and planned once per connection (psycopg prepares it).
-``docs/storage.md`` gives the schema, the statement and the measurements behind them.
+rows, so each shape is parsed and planned once per connection (psycopg prepares it);
+a batch of one item (the sync path) binds scalars instead. ``docs/storage.md`` gives
+the schema, the statements and the measurements behind them.
 
 This module must never build SQL from values: identifiers go through
 ``psycopg.sql.Identifier``, values are always bound parameters. It must never let a
