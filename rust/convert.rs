@@ -102,10 +102,14 @@ pub fn opt_count(value: Option<&Bound<'_, PyAny>>, what: &str) -> Result<Option<
             type_name(value)
         )));
     }
-    value
-        .extract::<u64>()
-        .map(Some)
-        .map_err(|_| CoreError::Validation(format!("{what} must not be negative, got {value}")))
+    match value.extract::<u64>() {
+        Ok(count) => Ok(Some(count)),
+        Err(_) if value.lt(0).unwrap_or(false) => Err(CoreError::Validation(format!(
+            "{what} must not be negative, got {value}"
+        ))),
+        // Beyond 64 bits: larger than any version or count can be.
+        Err(_) => Ok(Some(u64::MAX)),
+    }
 }
 
 // -- JSON --------------------------------------------------------------------------
@@ -151,12 +155,13 @@ fn json_str_len(text: &str) -> usize {
     text.len() + 2 + escapes
 }
 
+fn too_deep() -> JsonError {
+    JsonError::new(format!("nested deeper than {MAX_DEPTH} levels"))
+}
+
+/// `depth` is the number of containers around `value`; the 65th nested container is
+/// refused, whatever it holds.
 fn to_json(value: &Bound<'_, PyAny>, depth: usize, size: &mut usize) -> Result<Value, JsonError> {
-    if depth > MAX_DEPTH {
-        return Err(JsonError::new(format!(
-            "nested deeper than {MAX_DEPTH} levels"
-        )));
-    }
     if value.is_none() {
         *size += 4;
         return Ok(Value::Null);
@@ -195,12 +200,21 @@ fn to_json(value: &Bound<'_, PyAny>, depth: usize, size: &mut usize) -> Result<V
         return Ok(Value::Number(number));
     }
     if let Ok(dict) = value.cast::<PyDict>() {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
         return dict_to_json(dict, depth, size);
     }
     if let Ok(list) = value.cast::<PyList>() {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
         return seq_to_json(list.iter(), list.len(), depth, size);
     }
     if let Ok(tuple) = value.cast::<PyTuple>() {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
         return seq_to_json(tuple.iter(), tuple.len(), depth, size);
     }
     Err(JsonError::new(format!(
@@ -281,9 +295,11 @@ pub fn json_entries(
     };
     let dict = as_dict(value, what)?;
     let mut entries = Vec::with_capacity(dict.len());
+    // The map counts as its compact JSON: braces, `"key":value`, commas.
+    *size += 2 + dict.len().saturating_sub(1);
     for (key, item) in dict.iter() {
         let key = dict_key(&key).map_err(|e| e.into_core(what))?;
-        *size += json_str_len(&key) + 2;
+        *size += json_str_len(&key) + 1;
         let item =
             to_json(&item, 0, size).map_err(|e| e.at(format!("[{key:?}]")).into_core(what))?;
         entries.push((Arc::from(key), Arc::new(item)));
@@ -527,7 +543,8 @@ pub fn parse_update<'py>(
             let status = node_status(&status, &format!("nodes[{node_id:?}]"))?;
             list.push((Arc::from(node_id), status));
         }
-        parsed.nodes = Some(list);
+        // An empty map changes nothing and records nothing: as if not given.
+        parsed.nodes = (!list.is_empty()).then_some(list);
     }
     if let Some(error) = given(error) {
         parsed.error = Some(Arc::new(error_record(py, &error, &mut size)?));
@@ -535,10 +552,12 @@ pub fn parse_update<'py>(
     if let Some(metrics) = given(metrics) {
         let dict = as_dict(&metrics, "metrics")?;
         let mut list = Vec::with_capacity(dict.len());
+        size += 2 + dict.len().saturating_sub(1);
         for (node_id, figures) in dict.iter() {
             let node_id = id_str(&node_id, "a node id in metrics")?;
             let what = format!("metrics[{node_id:?}]");
             let figures = as_dict(&figures, &what)?;
+            size += json_str_len(node_id) + 1 + 2 + figures.len().saturating_sub(1);
             let mut object = Map::with_capacity(figures.len());
             for (key, figure) in figures.iter() {
                 let key = dict_key(&key).map_err(|e| e.into_core(&what))?;
@@ -564,12 +583,12 @@ pub fn parse_update<'py>(
                             figure.repr().map(|r| r.to_string()).unwrap_or_default()
                         ))
                     })?;
-                size += key.len() + 3;
+                size += json_str_len(&key) + 1;
                 object.insert(key, number);
             }
             list.push((Arc::from(node_id), Value::Object(object)));
         }
-        parsed.metrics = Some(list);
+        parsed.metrics = (!list.is_empty()).then_some(list);
     }
     check_size(size, max_update_bytes)?;
     parsed.check_shape()?;
@@ -607,11 +626,13 @@ fn error_record(py: Python<'_>, error: &Bound<'_, PyAny>, size: &mut usize) -> P
                             type_name(&value)
                         ))
                     })?;
-                *size += json_str_len(text) + key.len() + 3;
                 object.insert(key, Value::String(text.to_owned()));
             }
             "details" => {
-                let details = json_value(&value, "error[\"details\"]", size)?;
+                // Sized below, with the rest of the normalised record.
+                let mut ignored = 0;
+                let details = to_json(&value, 0, &mut ignored)
+                    .map_err(|e| e.into_core("error[\"details\"]"))?;
                 object.insert(key, details);
             }
             _ => {
@@ -631,7 +652,10 @@ fn error_record(py: Python<'_>, error: &Bound<'_, PyAny>, size: &mut usize) -> P
     for key in ["type", "message", "details"] {
         ordered.insert(key.to_string(), object.remove(key).unwrap_or(Value::Null));
     }
-    Ok(Value::Object(ordered))
+    let record = Value::Object(ordered);
+    // Counted as the compact JSON of the normalised record.
+    *size += serde_json::to_vec(&record).map_or(0, |bytes| bytes.len());
+    Ok(record)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use pyo3::prelude::*;
 use pyo3::PyErr;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,4 +87,14 @@ impl From<CoreError> for PyErr {
             CoreError::Closed(msg) => ClosedError::new_err(msg),
         }
     }
+}
+
+/// A `ConflictError` whose expected version is a Python int (it may not fit a u64).
+pub fn conflict_error(
+    _py: Python<'_>,
+    execution_id: &str,
+    expected: &Bound<'_, PyAny>,
+    actual: u64,
+) -> PyErr {
+    py_errors::ConflictError::new_err((execution_id.to_string(), expected.clone().unbind(), actual))
 }

@@ -730,6 +730,29 @@ fn expected(value: Option<&Bound<'_, PyAny>>) -> Result<Option<u64>, CoreError> 
     Ok(expected)
 }
 
+impl PyCore {
+    /// An `expected_version` beyond 64 bits can never match: once the execution is
+    /// known to exist, it is a conflict that reports the caller's number as given.
+    fn check_huge_expected(
+        &self,
+        execution_id: &str,
+        value: Option<&Bound<'_, PyAny>>,
+        expected: Option<u64>,
+    ) -> PyResult<()> {
+        let Some(value) = value else { return Ok(()) };
+        if expected != Some(u64::MAX) || value.extract::<u64>().is_ok() {
+            return Ok(());
+        }
+        let actual = self.engine.get(execution_id)?.version;
+        Err(crate::errors::conflict_error(
+            value.py(),
+            execution_id,
+            value,
+            actual,
+        ))
+    }
+}
+
 #[pymethods]
 impl PyCore {
     #[new]
@@ -788,7 +811,9 @@ impl PyCore {
     ) -> PyResult<u64> {
         let execution_id = id_str(execution_id, "execution_id")?;
         let update = parse_update(py, update, self.max_update_bytes)?;
+        let huge = expected_version;
         let expected_version = expected(expected_version)?;
+        self.check_huge_expected(execution_id, huge, expected_version)?;
         let actor = opt_id(actor, "actor")?;
         self.with_room(py, || {
             self.engine.apply(
@@ -812,7 +837,9 @@ impl PyCore {
     ) -> PyResult<PyPreparedUpdate> {
         let execution_id = id_str(execution_id, "execution_id")?;
         let update = parse_update(py, update, self.max_update_bytes)?;
+        let huge = expected_version;
         let expected_version = expected(expected_version)?;
+        self.check_huge_expected(execution_id, huge, expected_version)?;
         let actor = opt_id(actor, "actor")?;
         let prepared =
             self.engine

@@ -18,6 +18,7 @@ and every accessor that hands out a dict returns a fresh copy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Final, Self, TypeAlias
+from typing import Any, Final, NamedTuple, Self, TypeAlias
 
 from wfstate._model import (
     UNSET,
@@ -235,8 +236,7 @@ class RefEvent:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class RefExecutionHistory:
+class RefExecutionHistory(NamedTuple):
     """Like ``wfstate.ExecutionHistory``, holding ``RefEvent``s."""
 
     execution_id: str
@@ -544,6 +544,11 @@ def _parse_update(update: object, max_update_bytes: int) -> _Update:
         unset_variables=None if (raw := given("unset_variables")) is None else _unset_names(raw),
         context=None if (raw := given("context")) is None else _json_object(raw, "context"),
     )
+    # An empty nodes or metrics map changes nothing and records nothing: not given.
+    if parsed.nodes is not None and not parsed.nodes:
+        parsed = dataclasses.replace(parsed, nodes=None)
+    if parsed.metrics is not None and not parsed.metrics:
+        parsed = dataclasses.replace(parsed, metrics=None)
     if parsed.is_empty():
         raise ValidationError("an update must set at least one field")
     if (

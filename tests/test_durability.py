@@ -1128,3 +1128,16 @@ def test_ids_held_only_by_the_store_are_taken(stores: Stores) -> None:
         assert store.current_versions(["done", "source"]) == {"done": 2, "source": 1}, (
             "the refused fork's execution_forked link was stored on the source"
         )
+
+
+def test_schema_version_is_queryable_from_the_manager(stores: Stores) -> None:
+    """The manager reports the schema its store was migrated to; memory has none."""
+    manager = stores.manager()
+    try:
+        version = manager.schema_version()
+        assert isinstance(version, int)
+        assert version >= 1
+    finally:
+        manager.close()
+    with StateManager() as in_memory:
+        assert in_memory.schema_version() is None

@@ -822,6 +822,11 @@ class StateManager:
                 stats["last_refusal"] = flusher["last_refusal"]
         return stats
 
+    def schema_version(self) -> int | None:
+        """The version of the store's schema (migrations are applied on open); None in
+        memory."""
+        return None if self._store is None else self._store.schema_version()
+
     def storage_bytes(self) -> int:
         """Bytes the store's tables take (0 in memory)."""
         return 0 if self._store is None else self._store.storage_bytes()

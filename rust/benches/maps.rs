@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 
 /// Measured wall-clock time of one repeat of a cell (one map, workload, key count and
 /// thread count).
-const MEASURE_MS: u64 = 90;
+const MEASURE_MS: u64 = 50;
 /// Repeats of each cell; the table shows the best (other processes on the machine only
 /// ever make a repeat slower).
-const REPEATS: usize = 3;
+const REPEATS: usize = 5;
 /// Untimed run of the same workload before a get/CAS cell is measured.
-const WARMUP_MS: u64 = 40;
+const WARMUP_MS: u64 = 20;
 /// Key counts of the pre-filled map.
 const KEY_COUNTS: [usize; 2] = [10_000, 1_000_000];
 /// Thread counts (the table says how many cores the machine has).
@@ -730,11 +730,14 @@ fn run_cell<M: StateMap>(
     map: &M,
     keys: &[Arc<str>],
     new_keys: &[Arc<str>],
-    workload: Workload,
-    threads: usize,
-    duration: Duration,
+    spec: RunSpec,
     seed: u64,
 ) -> Sample {
+    let RunSpec {
+        workload,
+        threads,
+        duration,
+    } = spec;
     let barrier = Barrier::new(threads + 1);
     let stop = AtomicBool::new(false);
     let chunk = new_keys.len() / threads;
@@ -810,8 +813,13 @@ fn self_test<M: StateMap>() {
     assert_eq!(map.cas(&b, 1, state), Err(MISSING), "{}", M::NAME);
 }
 
-/// One sample per row of the table.
-type Figures = Vec<Sample>;
+/// What one run of a cell does.
+#[derive(Clone, Copy)]
+struct RunSpec {
+    workload: Workload,
+    threads: usize,
+    duration: Duration,
+}
 
 fn env_ms(name: &str, default: u64) -> Duration {
     let ms = std::env::var(name)
@@ -821,73 +829,140 @@ fn env_ms(name: &str, default: u64) -> Duration {
     Duration::from_millis(ms)
 }
 
-/// Runs every workload and thread count for one map at one key count; one figure per row,
-/// in the order of `WORKLOADS` x `THREADS`.
-fn bench_map<M: StateMap>(keys: &[Arc<str>], new_keys: &[Arc<str>]) -> Figures {
+/// A pre-filled map under test, behind a trait object so that the maps can take turns.
+trait Contender {
+    /// Runs one cell once; counts its successful CAS.
+    fn run(&mut self, keys: &[Arc<str>], fresh: &[Arc<str>], spec: RunSpec, seed: u64) -> Sample;
+    /// Every successful CAS must have added exactly one version.
+    fn check(&self, keys: &[Arc<str>]);
+}
+
+struct Prefilled<M> {
+    map: M,
+    cas_ok: u64,
+}
+
+impl<M: StateMap> Contender for Prefilled<M> {
+    fn run(&mut self, keys: &[Arc<str>], fresh: &[Arc<str>], spec: RunSpec, seed: u64) -> Sample {
+        let sample = run_cell(&self.map, keys, fresh, spec, seed);
+        self.cas_ok += sample.cas_ok;
+        sample
+    }
+    fn check(&self, keys: &[Arc<str>]) {
+        let sum: u64 = keys
+            .iter()
+            .map(|k| self.map.get(k).expect("id missing").1)
+            .sum();
+        assert_eq!(
+            sum,
+            keys.len() as u64 + self.cas_ok,
+            "{}: lost or extra versions",
+            M::NAME
+        );
+    }
+}
+
+fn build<M: StateMap>(keys: &[Arc<str>]) -> Box<dyn Contender> {
     self_test::<M>();
+    Box::new(Prefilled {
+        map: prefill::<M>(keys),
+        cas_ok: 0,
+    })
+}
+
+type Build = fn(&[Arc<str>]) -> Box<dyn Contender>;
+
+/// The columns of the table; `papaya-c` is shown but not eligible (see the top of the file).
+const MAPS: [(&str, Build); 10] = [
+    (Dash::NAME, build::<Dash>),
+    (DashEntry::NAME, build::<DashEntry>),
+    (Scc::NAME, build::<Scc>),
+    (SccEntry::NAME, build::<SccEntry>),
+    (Papaya::NAME, build::<Papaya>),
+    (PapayaCompute::NAME, build::<PapayaCompute>),
+    (ShardedSlots::NAME, build::<ShardedSlots>),
+    (ShardedEntry::NAME, build::<ShardedEntry>),
+    (StdRw::NAME, build::<StdRw>),
+    (StdRwEntry::NAME, build::<StdRwEntry>),
+];
+
+/// Every map at one key count: all of them are pre-filled, then each round runs every cell
+/// of every map once (maps take turns within a cell, starting one further each round), so
+/// that a burst of other work on the machine hits one repeat of many maps rather than
+/// every repeat of one; the best repeat of each cell is kept. The insert-heavy cells grow
+/// the maps, each repeat with its own share of `new_keys`. One `Vec<Sample>` per row, in
+/// the order of `WORKLOADS` x `THREADS`, one sample per map.
+fn bench_key_count(keys: &[Arc<str>], new_keys: &[Arc<str>], started: Instant) -> Vec<Vec<Sample>> {
     let measure = env_ms("MAPS_BENCH_MEASURE_MS", MEASURE_MS);
     let warmup = env_ms("MAPS_BENCH_WARMUP_MS", WARMUP_MS);
-    let mut figures = Figures::new();
-    // One pre-filled map serves every cell, so a 1M-key map is built once. The get/CAS
-    // workloads come first; the insert-heavy cells then run in the order of `THREADS` on
-    // that same map, which grows, each repeat with its own share of `new_keys`.
-    let map = prefill::<M>(keys);
-    let mut cas_ok = 0;
+    let progress = |what: &str| {
+        eprintln!(
+            "[{:>5.1}s] {} keys: {what}",
+            started.elapsed().as_secs_f64(),
+            keys.len()
+        );
+    };
+    let mut maps: Vec<Box<dyn Contender>> = MAPS
+        .iter()
+        .map(|(name, build)| {
+            progress(&format!("pre-filling {name}"));
+            build(keys)
+        })
+        .collect();
+    let rows = WORKLOADS.len() * THREADS.len();
+    let mut best: Vec<Vec<Option<Sample>>> = vec![vec![None; maps.len()]; rows];
     let share = new_keys.len() / (THREADS.len() * REPEATS);
-    for (w, workload) in WORKLOADS.into_iter().enumerate() {
-        for (t, threads) in THREADS.into_iter().enumerate() {
-            let seed = ((w * THREADS.len() + t) * (REPEATS + 1)) as u64;
-            if workload.insert_pct == 0 {
-                cas_ok += run_cell(&map, keys, &[], workload, threads, warmup, seed).cas_ok;
-            }
-            let mut best: Option<Sample> = None;
-            for r in 0..REPEATS {
+    for round in 0..REPEATS {
+        progress(&format!("round {} of {REPEATS}", round + 1));
+        for (w, workload) in WORKLOADS.into_iter().enumerate() {
+            for (t, threads) in THREADS.into_iter().enumerate() {
+                let row = w * THREADS.len() + t;
+                let seed = (row * REPEATS + round) as u64;
                 let fresh = if workload.insert_pct == 0 {
                     &[][..]
                 } else {
-                    let start = (t * REPEATS + r) * share;
-                    &new_keys[start..start + share]
+                    &new_keys[(t * REPEATS + round) * share..][..share]
                 };
-                let seed = seed + 1 + r as u64;
-                let sample = run_cell(&map, keys, fresh, workload, threads, measure, seed);
-                cas_ok += sample.cas_ok;
-                if best.is_none_or(|b| sample.mops > b.mops) {
-                    best = Some(sample);
+                // The warm-up runs the get/CAS part of the workload.
+                let warm = Workload {
+                    insert_pct: 0,
+                    ..workload
+                };
+                for i in 0..maps.len() {
+                    let m = (i + round) % maps.len();
+                    let spec = RunSpec {
+                        workload: warm,
+                        threads,
+                        duration: warmup,
+                    };
+                    maps[m].run(keys, &[], spec, !seed);
+                    let spec = RunSpec {
+                        workload,
+                        threads,
+                        duration: measure,
+                    };
+                    let sample = maps[m].run(keys, fresh, spec, seed);
+                    let cell = &mut best[row][m];
+                    if cell.is_none_or(|b| sample.mops > b.mops) {
+                        *cell = Some(sample);
+                    }
                 }
             }
-            figures.extend(best);
         }
     }
-    // Every successful CAS must have added exactly one version.
-    check_versions(&map, keys, cas_ok);
-    figures
+    progress("checking versions, dropping the maps");
+    for map in &maps {
+        map.check(keys);
+    }
+    drop(maps);
+    best.into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|s| s.expect("every cell ran"))
+                .collect()
+        })
+        .collect()
 }
-
-fn check_versions<M: StateMap>(map: &M, keys: &[Arc<str>], cas_ok: u64) {
-    let sum: u64 = keys.iter().map(|k| map.get(k).expect("id missing").1).sum();
-    assert_eq!(
-        sum,
-        keys.len() as u64 + cas_ok,
-        "{}: lost or extra versions",
-        M::NAME
-    );
-}
-
-type BenchFn = fn(&[Arc<str>], &[Arc<str>]) -> Figures;
-
-/// The columns of the table; `papaya-c` is shown but not eligible (see the top of the file).
-const MAPS: [(&str, BenchFn); 10] = [
-    (Dash::NAME, bench_map::<Dash>),
-    (DashEntry::NAME, bench_map::<DashEntry>),
-    (Scc::NAME, bench_map::<Scc>),
-    (SccEntry::NAME, bench_map::<SccEntry>),
-    (Papaya::NAME, bench_map::<Papaya>),
-    (PapayaCompute::NAME, bench_map::<PapayaCompute>),
-    (ShardedSlots::NAME, bench_map::<ShardedSlots>),
-    (ShardedEntry::NAME, bench_map::<ShardedEntry>),
-    (StdRw::NAME, bench_map::<StdRw>),
-    (StdRwEntry::NAME, bench_map::<StdRwEntry>),
-];
 
 const LABEL_WIDTH: usize = 30;
 const CELL_WIDTH: usize = 10;
@@ -1005,7 +1080,7 @@ fn main() {
     let warmup = env_ms("MAPS_BENCH_WARMUP_MS", WARMUP_MS);
     println!(
         "wfstate state-map comparison: {cores} cores available (threads > cores are \
-         oversubscribed); best of {REPEATS} x {} ms per cell, after {} ms warm-up for get/CAS",
+         oversubscribed); best of {REPEATS} rounds of {} ms per cell, each after {} ms of warm-up",
         measure.as_millis(),
         warmup.as_millis()
     );
@@ -1040,14 +1115,11 @@ fn main() {
                 rows.push((row_label(count, workload, threads), Vec::new()));
             }
         }
-        for (name, bench) in MAPS {
-            eprintln!(
-                "[{:>5.1}s] {count} keys: {name}",
-                started.elapsed().as_secs_f64()
-            );
-            for (row, figure) in rows[first..].iter_mut().zip(bench(&keys, &new_keys)) {
-                row.1.push(figure);
-            }
+        for (row, samples) in rows[first..]
+            .iter_mut()
+            .zip(bench_key_count(&keys, &new_keys, started))
+        {
+            row.1 = samples;
         }
     }
     print_table("ns/op (lower is better)", &rows, |c| c.ns, true);
