@@ -730,7 +730,25 @@ fn expected(value: Option<&Bound<'_, PyAny>>) -> Result<Option<u64>, CoreError> 
     Ok(expected)
 }
 
+type UpdateArgs = (model::Update, Option<u64>, Option<Arc<str>>);
+
 impl PyCore {
+    /// The checked arguments of `apply` and `prepare`, in the order of the contract.
+    fn update_args(
+        &self,
+        py: Python<'_>,
+        execution_id: &str,
+        update: &Bound<'_, PyAny>,
+        expected_version: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<UpdateArgs> {
+        let update = parse_update(py, update, self.max_update_bytes)?;
+        let checked = expected(expected_version)?;
+        let actor = opt_id(actor, "actor")?;
+        self.check_huge_expected(execution_id, expected_version, checked)?;
+        Ok((update, checked, actor))
+    }
+
     /// An `expected_version` beyond 64 bits can never match: once the execution is
     /// known to exist, it is a conflict that reports the caller's number as given.
     fn check_huge_expected(
@@ -810,11 +828,8 @@ impl PyCore {
         actor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let execution_id = id_str(execution_id, "execution_id")?;
-        let update = parse_update(py, update, self.max_update_bytes)?;
-        let huge = expected_version;
-        let expected_version = expected(expected_version)?;
-        self.check_huge_expected(execution_id, huge, expected_version)?;
-        let actor = opt_id(actor, "actor")?;
+        let (update, expected_version, actor) =
+            self.update_args(py, execution_id, update, expected_version, actor)?;
         self.with_room(py, || {
             self.engine.apply(
                 execution_id,
@@ -836,11 +851,8 @@ impl PyCore {
         actor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyPreparedUpdate> {
         let execution_id = id_str(execution_id, "execution_id")?;
-        let update = parse_update(py, update, self.max_update_bytes)?;
-        let huge = expected_version;
-        let expected_version = expected(expected_version)?;
-        self.check_huge_expected(execution_id, huge, expected_version)?;
-        let actor = opt_id(actor, "actor")?;
+        let (update, expected_version, actor) =
+            self.update_args(py, execution_id, update, expected_version, actor)?;
         let prepared =
             self.engine
                 .prepare(execution_id, &update, expected_version, actor, now_micros())?;

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Final, TypedDict
+from typing import Final, Required, TypedDict
 
 from wfstate import _core
 from wfstate._core import VersionRecord
@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_CRITICAL",
     "Flusher",
     "GroupCommitter",
+    "ManagerStats",
     "SnapshotPolicy",
     "SnapshotTracker",
 ]
@@ -216,7 +217,32 @@ class GroupCommitter:
         return self._batches, self._writes
 
 
-class FlusherStats(TypedDict):
+class ManagerStats(TypedDict, total=False):
+    """What ``StateManager.stats()`` reports.
+
+    Always: ``executions`` (held in memory), ``ring_events``, ``ring_capacity``,
+    ``first_seq`` and ``next_seq`` (the sequence numbers the ring spans),
+    ``cursors`` and ``durable_cursors``. With a store: ``store`` (its URL),
+    ``durability``, ``group_commits`` and ``group_committed_versions`` (sync writes
+    and the transactions that carried them). In async mode: ``pending_events`` (the
+    write-behind lag), ``flush_batches``, ``flushed_versions``, ``flush_retries``,
+    ``store_failing_for`` (seconds the store has been failing, or None),
+    ``last_store_error``, ``refused_versions`` (write-behind versions the store refused
+    because another writer changed the execution: lost, and the execution reset to the
+    stored state) and ``last_refusal``.
+    """
+
+    executions: Required[int]
+    ring_events: Required[int]
+    ring_capacity: Required[int]
+    first_seq: Required[int]
+    next_seq: Required[int]
+    cursors: Required[int]
+    durable_cursors: Required[int]
+    store: str
+    durability: str
+    group_commits: int
+    group_committed_versions: int
     pending_events: int
     flush_batches: int
     flushed_versions: int
@@ -437,22 +463,20 @@ class Flusher:
             self._cursor.close()
             self._thread.join(timeout=None if timeout is None else max(timeout, 0.1))
 
-    def stats(self) -> FlusherStats:
+    def report(self, stats: ManagerStats) -> None:
+        """Add the write-behind's figures to ``stats``."""
         next_seq = self._core.stats()["next_seq"]
         with self._cond:
-            failing = (
+            stats["pending_events"] = max(0, next_seq - self._committed)
+            stats["flush_batches"] = self._batches
+            stats["flushed_versions"] = self._versions
+            stats["flush_retries"] = self._retries
+            stats["store_failing_for"] = (
                 None if self._failing_since is None else time.monotonic() - self._failing_since
             )
-            return FlusherStats(
-                pending_events=max(0, next_seq - self._committed),
-                flush_batches=self._batches,
-                flushed_versions=self._versions,
-                flush_retries=self._retries,
-                store_failing_for=failing,
-                last_store_error=self._last_error,
-                refused_versions=self._refused_versions,
-                last_refusal=self._last_refusal,
-            )
+            stats["last_store_error"] = self._last_error
+            stats["refused_versions"] = self._refused_versions
+            stats["last_refusal"] = self._last_refusal
 
 
 def check_critical(critical: Collection[str]) -> frozenset[str]:

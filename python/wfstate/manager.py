@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, Required, Self, TypedDict
+from typing import Any, Literal, Self
 
 from wfstate import _core
 from wfstate._core import EventCursor, PreparedUpdate, WorkflowState
@@ -29,6 +29,7 @@ from wfstate._durable import (
     DEFAULT_CRITICAL,
     Flusher,
     GroupCommitter,
+    ManagerStats,
     SnapshotPolicy,
     SnapshotTracker,
     check_critical,
@@ -80,42 +81,6 @@ def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
     if value < 0 or (value == 0 and not allow_zero) or value != value:
         raise ValidationError(f"{name} must be positive, not {value!r}")
     return float(value)
-
-
-class ManagerStats(TypedDict, total=False):
-    """What ``StateManager.stats()`` reports.
-
-    Always: ``executions`` (held in memory), ``ring_events``, ``ring_capacity``,
-    ``first_seq`` and ``next_seq`` (the sequence numbers the ring spans),
-    ``cursors`` and ``durable_cursors``. With a store: ``store`` (its URL),
-    ``durability``, ``group_commits`` and ``group_committed_versions`` (sync writes
-    and the transactions that carried them). In async mode: ``pending_events`` (the
-    write-behind lag), ``flush_batches``, ``flushed_versions``, ``flush_retries``,
-    ``store_failing_for`` (seconds the store has been failing, or None),
-    ``last_store_error``, ``refused_versions`` (write-behind versions the store refused
-    because another writer changed the execution: lost, and the execution reset to the
-    stored state) and ``last_refusal``.
-    """
-
-    executions: Required[int]
-    ring_events: Required[int]
-    ring_capacity: Required[int]
-    first_seq: Required[int]
-    next_seq: Required[int]
-    cursors: Required[int]
-    durable_cursors: Required[int]
-    store: str
-    durability: str
-    group_commits: int
-    group_committed_versions: int
-    pending_events: int
-    flush_batches: int
-    flushed_versions: int
-    flush_retries: int
-    store_failing_for: float | None
-    last_store_error: str | None
-    refused_versions: int
-    last_refusal: str | None
 
 
 class StateManager:
@@ -811,15 +776,7 @@ class StateManager:
             stats["durability"] = self._durability
             stats["group_commits"], stats["group_committed_versions"] = self._committer.stats()
             if self._flusher is not None:
-                flusher = self._flusher.stats()
-                stats["pending_events"] = flusher["pending_events"]
-                stats["flush_batches"] = flusher["flush_batches"]
-                stats["flushed_versions"] = flusher["flushed_versions"]
-                stats["flush_retries"] = flusher["flush_retries"]
-                stats["store_failing_for"] = flusher["store_failing_for"]
-                stats["last_store_error"] = flusher["last_store_error"]
-                stats["refused_versions"] = flusher["refused_versions"]
-                stats["last_refusal"] = flusher["last_refusal"]
+                self._flusher.report(stats)
         return stats
 
     def schema_version(self) -> int | None:
