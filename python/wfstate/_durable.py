@@ -137,7 +137,13 @@ class _Pending:
         self.outcomes: list[WfstateError | None] = []
         self.error: BaseException | None = None
         self.finished = False
-        self.wake = threading.Event()
+        # Only a caller that has to wait gets a (locked) lock to block on: a bare lock
+        # is several times cheaper to make and to signal than a threading.Event.
+        self.wake: threading.Lock | None = None
+
+    def signal(self) -> None:
+        if self.wake is not None:
+            self.wake.release()
 
 
 class GroupCommitter:
@@ -165,13 +171,14 @@ class GroupCommitter:
             lead = not self._busy
             if lead:
                 self._busy = True
-        while not lead:
-            pending.wake.wait()
-            if pending.finished:
-                break
-            # The previous leader handed us the lead: our items head the queue.
-            pending.wake.clear()
-            lead = True
+            else:
+                pending.wake = threading.Lock()
+                pending.wake.acquire()
+        if not lead:
+            assert pending.wake is not None
+            # Released once: when our items are written, or to hand us the lead (then
+            # our items head the queue).
+            pending.wake.acquire()
         if not pending.finished:
             self._lead()
         if pending.error is not None:
@@ -205,10 +212,10 @@ class GroupCommitter:
         finally:
             for pending in batch:
                 pending.finished = True
-                pending.wake.set()
+                pending.signal()
             with self._lock:
                 if self._queue:
-                    self._queue[0].wake.set()
+                    self._queue[0].signal()
                 else:
                     self._busy = False
 
