@@ -18,7 +18,15 @@ import pytest
 from reference_model import ReferenceStateManager  # on sys.path: see benches/__init__.py
 from wfstate import StateManager
 
-from .support import RESULTS, AnyStore, Benchmark, Reporter, Result, create_running
+from .support import (
+    RESULTS,
+    SUMMARY_SECTIONS,
+    AnyStore,
+    Benchmark,
+    Reporter,
+    Result,
+    create_running,
+)
 from .workload import DictLockStore
 
 #: Implementations in the order every group lists them; the last two are the baselines.
@@ -93,3 +101,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                     for key, value in result.figures.items()
                 )
                 terminalreporter.write_line(f"  {'':<10} {figures}")
+    for title, section in SUMMARY_SECTIONS:
+        lines = section(RESULTS)
+        if lines:
+            terminalreporter.section(title)
+            for line in lines:
+                terminalreporter.write_line(line)

@@ -2,6 +2,8 @@
 
 ``AnyStore`` is any of the three implementations every group runs, and
 ``create_running`` puts one execution of the workload into any of them.
+Suites whose groups are not wfstate against these two baselines (the durable ones)
+add a section of their own to the end-of-run summary through ``SUMMARY_SECTIONS``.
 
 pytest-benchmark's ``benchmark`` fixture carries no annotations, so ``Benchmark`` types
 the few parts of it the suites use. ``Reporter`` stores a benchmark's own figures
@@ -11,7 +13,7 @@ timings, for the per-group ratio summary that conftest prints at the end of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
@@ -22,6 +24,7 @@ from .workload import NODE_ID, WORKFLOW_ID, DictLockStore, initial_variables
 
 __all__ = [
     "RESULTS",
+    "SUMMARY_SECTIONS",
     "AnyStore",
     "Benchmark",
     "Reporter",
@@ -88,6 +91,10 @@ class Result:
 
 #: Every result of this run, in the order the benchmarks ran.
 RESULTS: list[Result] = []
+
+#: Extra sections of the end-of-run summary: (title, a function of every result of
+#: the run that returns the section's lines, or none when it has nothing to say).
+SUMMARY_SECTIONS: list[tuple[str, Callable[[Sequence[Result]], list[str]]]] = []
 
 
 class Reporter:
