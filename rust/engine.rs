@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
+use pyo3::prelude::*;
 use serde_json::Value;
 
 use crate::errors::CoreError;
@@ -33,11 +34,40 @@ pub fn now_micros() -> i64 {
 /// only long enough to clone an `Arc`.
 pub struct ExecSlot {
     current: Mutex<Arc<State>>,
+    /// The Python object last handed out for the current state: reads of an unchanged
+    /// version return it again instead of allocating (a GC-tracked allocation per read
+    /// makes the cyclic GC run every few hundred reads).
+    view: Mutex<Option<(Arc<State>, Py<PyAny>)>>,
 }
 
 impl ExecSlot {
+    fn new(state: Arc<State>) -> Self {
+        ExecSlot {
+            current: Mutex::new(state),
+            view: Mutex::new(None),
+        }
+    }
+
     pub fn current(&self) -> Arc<State> {
         self.current.lock().clone()
+    }
+
+    /// The current state as a Python object, made by `make` only when the state
+    /// changed since the last call. No lock is held while `make` runs.
+    pub fn view(
+        &self,
+        py: Python<'_>,
+        make: impl FnOnce(Arc<State>) -> PyResult<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let state = self.current();
+        if let Some((shown, object)) = &*self.view.lock() {
+            if Arc::ptr_eq(shown, &state) {
+                return Ok(object.clone_ref(py));
+            }
+        }
+        let object = make(state.clone())?;
+        *self.view.lock() = Some((state, object.clone_ref(py)));
+        Ok(object)
     }
 }
 
@@ -140,7 +170,7 @@ impl Engine {
         Ok(())
     }
 
-    fn slot(&self, execution_id: &str) -> Result<Arc<ExecSlot>, CoreError> {
+    pub fn slot(&self, execution_id: &str) -> Result<Arc<ExecSlot>, CoreError> {
         self.check_open()?;
         self.map
             .get(execution_id)
@@ -301,9 +331,7 @@ impl Engine {
                 ))),
                 Entry::Vacant(vacant) => {
                     self.append(prepared, persisted)?;
-                    vacant.insert(Arc::new(ExecSlot {
-                        current: Mutex::new(prepared.state.clone()),
-                    }));
+                    vacant.insert(Arc::new(ExecSlot::new(prepared.state.clone())));
                     Ok(1)
                 }
             };
@@ -341,9 +369,7 @@ impl Engine {
                 let state = Arc::new(state);
                 self.ring
                     .mark_loaded(&state.execution_id, state.version, state.updated_at);
-                vacant.insert(Arc::new(ExecSlot {
-                    current: Mutex::new(state.clone()),
-                }));
+                vacant.insert(Arc::new(ExecSlot::new(state.clone())));
                 Ok(state)
             }
         }

@@ -952,10 +952,10 @@ impl PyCore {
         Ok(self.engine.forget(id_str(execution_id, "execution_id")?))
     }
 
-    fn get(&self, execution_id: &Bound<'_, PyAny>) -> PyResult<PyWorkflowState> {
+    fn get(&self, py: Python<'_>, execution_id: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let execution_id = id_str(execution_id, "execution_id")?;
-        Ok(PyWorkflowState {
-            state: self.engine.get(execution_id)?,
+        self.engine.slot(execution_id)?.view(py, |state| {
+            Ok(Py::new(py, PyWorkflowState { state })?.into_any())
         })
     }
 
