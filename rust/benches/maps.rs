@@ -1,7 +1,19 @@
 //! Concurrent state-map comparison: which map should hold `execution id -> current state`?
 //!
-//! Run with `cargo bench --bench maps`. A std-only harness (no criterion): every cell runs
-//! a fixed wall-clock duration on 1, 2 and 4 threads and prints ns/op and Mops/s.
+//! Run with `cargo bench --bench maps` (about 1.5 minutes). A std-only harness (no
+//! criterion): workloads of get, CAS and insert on 10k and 1M pre-filled ids, each on 1, 2
+//! and 4 threads, print two tables, ns/op and Mops/s, a row per workload and thread count,
+//! a column per map, the best of each row starred.
+//!
+//! - ns/op is CPU time per op (the threads' CPU time over the ops): on one thread it is the
+//!   latency of one op. Other work on the machine moves it less than wall time (it still
+//!   grows when that work evicts the bench's data from the caches).
+//! - Mops/s is ops of all threads per wall-clock second: the scaling figure. It is only
+//!   meaningful on an otherwise idle machine; the `cpu%` column says how much of the cores
+//!   the run actually got.
+//! - The maps are all pre-filled at once and take turns, cell by cell, for `REPEATS`
+//!   rounds; each cell keeps its best round. The insert-heavy workload runs last, on the
+//!   same maps, which grow by up to `NEW_KEYS` ids.
 //!
 //! What is measured, per map:
 //! - `insert`: insert-if-absent of a new id with a fresh `Arc<State>` (version 1);
@@ -34,21 +46,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-/// Measured wall-clock time of one repeat of a cell (one map, workload, key count and
+/// Measured wall-clock time of one round of a cell (one map, workload, key count and
 /// thread count).
-const MEASURE_MS: u64 = 50;
-/// Repeats of each cell; the table shows the best (other processes on the machine only
-/// ever make a repeat slower).
-const REPEATS: usize = 5;
-/// Untimed run of the same workload before a get/CAS cell is measured.
-const WARMUP_MS: u64 = 20;
+const MEASURE_MS: u64 = 40;
+/// Rounds of each cell, spread over the run; the table shows the best (other processes
+/// on the machine only ever make a round slower).
+const REPEATS: usize = 6;
+/// Untimed run of the cell's get/CAS mix before each round, on the threads then measured
+/// (the maps take turns, so their data has left the caches).
+const WARMUP_MS: u64 = 12;
 /// Key counts of the pre-filled map.
 const KEY_COUNTS: [usize; 2] = [10_000, 1_000_000];
 /// Thread counts (the table says how many cores the machine has).
 const THREADS: [usize; 3] = [1, 2, 4];
-/// Fresh ids for the insert-heavy workload: an equal share for each repeat of its cells,
-/// split among the threads; a repeat that runs out stops early (its figures use the time
-/// it actually ran).
+/// Fresh ids for the insert-heavy workload: an equal share for each round of its cells,
+/// split among the threads; a round that runs out stops early (its figures use the time it
+/// actually ran). Every map gets the same ids.
 const NEW_KEYS: usize = 1_500_000;
 /// Operations between two looks at the clock.
 const BATCH: usize = 256;
@@ -59,7 +72,7 @@ const SHARDS: usize = 64;
 // The state and the slot
 // ---------------------------------------------------------------------------------------
 
-/// A stand-in for one version of an execution's state: ~170 bytes behind an `Arc`.
+/// A stand-in for one version of an execution's state: 168 bytes behind an `Arc`.
 #[derive(Clone)]
 struct State {
     version: u64,
@@ -86,15 +99,15 @@ impl State {
 }
 
 /// What a slot holds: the current state, its version and the event-log stand-in.
-struct Cell {
+struct Versioned {
     state: Arc<State>,
     version: u64,
     events: u64,
 }
 
-impl Cell {
+impl Versioned {
     fn new(state: Arc<State>) -> Self {
-        Cell {
+        Versioned {
             version: state.version,
             state,
             events: 1,
@@ -119,10 +132,10 @@ impl Cell {
 }
 
 /// A slot with its own lock: the map is only used to find it.
-type Slot = parking_lot::Mutex<Cell>;
+type Slot = parking_lot::Mutex<Versioned>;
 
 fn new_slot(state: Arc<State>) -> Arc<Slot> {
-    Arc::new(parking_lot::Mutex::new(Cell::new(state)))
+    Arc::new(parking_lot::Mutex::new(Versioned::new(state)))
 }
 
 fn slot_read(slot: &Slot) -> (Arc<State>, u64) {
@@ -180,7 +193,7 @@ impl StateMap for Dash {
     }
 }
 
-struct DashEntry(dashmap::DashMap<Arc<str>, Cell>);
+struct DashEntry(dashmap::DashMap<Arc<str>, Versioned>);
 
 impl StateMap for DashEntry {
     const NAME: &'static str = "dash-e";
@@ -191,7 +204,7 @@ impl StateMap for DashEntry {
         match self.0.entry(Arc::clone(key)) {
             dashmap::Entry::Occupied(_) => false,
             dashmap::Entry::Vacant(v) => {
-                v.insert(Cell::new(state));
+                v.insert(Versioned::new(state));
                 true
             }
         }
@@ -233,7 +246,7 @@ impl StateMap for Scc {
     }
 }
 
-struct SccEntry(scc::HashMap<Arc<str>, Cell>);
+struct SccEntry(scc::HashMap<Arc<str>, Versioned>);
 
 impl StateMap for SccEntry {
     const NAME: &'static str = "scc-e";
@@ -242,7 +255,7 @@ impl StateMap for SccEntry {
     }
     fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
         self.0
-            .insert_sync(Arc::clone(key), Cell::new(state))
+            .insert_sync(Arc::clone(key), Versioned::new(state))
             .is_ok()
     }
     fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
@@ -491,7 +504,7 @@ impl StateMap for ShardedSlots {
     }
 }
 
-struct ShardedEntry(Sharded<Cell>);
+struct ShardedEntry(Sharded<Versioned>);
 
 impl StateMap for ShardedEntry {
     const NAME: &'static str = "shard64-e";
@@ -499,12 +512,14 @@ impl StateMap for ShardedEntry {
         ShardedEntry(Sharded::new())
     }
     fn insert(&self, key: &Arc<str>, state: Arc<State>) -> bool {
-        self.0.insert_with(key, || Cell::new(state))
+        self.0.insert_with(key, || Versioned::new(state))
     }
     fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
         let (hash, shard) = self.0.locate(key);
         let guard = shard.read();
-        guard.get(&probe(hash, key) as &dyn KeyView).map(Cell::read)
+        guard
+            .get(&probe(hash, key) as &dyn KeyView)
+            .map(Versioned::read)
     }
     fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
         let (hash, shard) = self.0.locate(key);
@@ -554,7 +569,7 @@ impl StateMap for StdRw {
     }
 }
 
-struct StdRwEntry(std::sync::RwLock<HashMap<Arc<str>, Cell>>);
+struct StdRwEntry(std::sync::RwLock<HashMap<Arc<str>, Versioned>>);
 
 impl StateMap for StdRwEntry {
     const NAME: &'static str = "std-rw-e";
@@ -565,13 +580,13 @@ impl StateMap for StdRwEntry {
         match self.0.write().unwrap().entry(Arc::clone(key)) {
             Entry::Occupied(_) => false,
             Entry::Vacant(v) => {
-                v.insert(Cell::new(state));
+                v.insert(Versioned::new(state));
                 true
             }
         }
     }
     fn get(&self, key: &Arc<str>) -> Option<(Arc<State>, u64)> {
-        self.0.read().unwrap().get(&**key).map(Cell::read)
+        self.0.read().unwrap().get(&**key).map(Versioned::read)
     }
     fn cas(&self, key: &Arc<str>, expected: u64, new: Arc<State>) -> Result<u64, u64> {
         let mut guard = self.0.write().unwrap();
@@ -660,18 +675,43 @@ struct Counts {
     cpu_ns: Option<u64>,
 }
 
-/// This thread's time on a core so far (Linux's schedstat), in ns.
+/// This thread's CPU time so far, in ns (`CLOCK_THREAD_CPUTIME_ID`, from the C library std
+/// already links).
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 fn thread_cpu_ns() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    text.split_whitespace().next()?.parse().ok()
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, time: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut time = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid, writable `struct timespec` (two 64-bit fields on 64-bit
+    // Linux) and the clock id is a constant the C library knows.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut time) };
+    let secs = u64::try_from(time.tv_sec).ok()?;
+    let nanos = u64::try_from(time.tv_nsec).ok()?;
+    (rc == 0).then_some(secs * 1_000_000_000 + nanos)
+}
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+fn thread_cpu_ns() -> Option<u64> {
+    None
 }
 
 /// The figures of one run of a cell.
 #[derive(Clone, Copy)]
 struct Sample {
-    /// Mean latency of one op on one thread: threads x wall / ops.
+    /// CPU time per op: the threads' CPU time / ops (where the OS can't tell CPU time:
+    /// threads x wall / ops).
     ns: f64,
-    /// Ops of all threads together per second, in millions.
+    /// Ops of all threads together per wall-clock second, in millions.
     mops: f64,
     /// Time the threads were on a core / (wall x min(threads, cores)).
     cpu: Option<f64>,
@@ -725,7 +765,8 @@ fn worker<M: StateMap>(
     counts
 }
 
-/// Runs one cell once.
+/// Runs one cell once: each thread warms up on the get/CAS part of the workload (so the
+/// data is in its core's caches), then all are measured together.
 fn run_cell<M: StateMap>(
     map: &M,
     keys: &[Arc<str>],
@@ -736,8 +777,13 @@ fn run_cell<M: StateMap>(
     let RunSpec {
         workload,
         threads,
+        warmup,
         duration,
     } = spec;
+    let warm = Workload {
+        insert_pct: 0,
+        ..workload
+    };
     let barrier = Barrier::new(threads + 1);
     let stop = AtomicBool::new(false);
     let chunk = new_keys.len() / threads;
@@ -746,10 +792,16 @@ fn run_cell<M: StateMap>(
             .map(|t| {
                 let (barrier, stop) = (&barrier, &stop);
                 let mine = &new_keys[t * chunk..(t + 1) * chunk];
+                let seed = seed.wrapping_mul(31).wrapping_add(t as u64);
                 scope.spawn(move || {
+                    let never = AtomicBool::new(false);
+                    let deadline = Instant::now() + warmup;
+                    let warmed = worker(map, keys, &[], warm, !seed, deadline, &never);
                     barrier.wait();
                     let deadline = Instant::now() + duration;
-                    worker(map, keys, mine, workload, seed ^ t as u64, deadline, stop)
+                    let mut counts = worker(map, keys, mine, workload, seed, deadline, stop);
+                    counts.cas_ok += warmed.cas_ok;
+                    counts
                 })
             })
             .collect();
@@ -769,7 +821,10 @@ fn run_cell<M: StateMap>(
         let ops = total.ops as f64;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Sample {
-            ns: secs * 1e9 * threads as f64 / ops,
+            ns: total
+                .cpu_ns
+                .map_or(secs * 1e9 * threads as f64, |cpu| cpu as f64)
+                / ops,
             mops: ops / secs / 1e6,
             cpu: total
                 .cpu_ns
@@ -779,11 +834,22 @@ fn run_cell<M: StateMap>(
     })
 }
 
+/// A map holding every id of `keys` at version 1, filled by one thread per core.
 fn prefill<M: StateMap>(keys: &[Arc<str>]) -> M {
     let map = M::create();
-    for (i, key) in keys.iter().enumerate() {
-        assert!(map.insert(key, Arc::new(State::first(i as u64))));
-    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = keys.len().div_ceil(cores);
+    std::thread::scope(|scope| {
+        for (c, part) in keys.chunks(chunk).enumerate() {
+            let map = &map;
+            scope.spawn(move || {
+                for (i, key) in part.iter().enumerate() {
+                    let seed = (c * chunk + i) as u64;
+                    assert!(map.insert(key, Arc::new(State::first(seed))));
+                }
+            });
+        }
+    });
     map
 }
 
@@ -818,6 +884,7 @@ fn self_test<M: StateMap>() {
 struct RunSpec {
     workload: Workload,
     threads: usize,
+    warmup: Duration,
     duration: Duration,
 }
 
@@ -886,12 +953,13 @@ const MAPS: [(&str, Build); 10] = [
     (StdRwEntry::NAME, build::<StdRwEntry>),
 ];
 
-/// Every map at one key count: all of them are pre-filled, then each round runs every cell
-/// of every map once (maps take turns within a cell, starting one further each round), so
-/// that a burst of other work on the machine hits one repeat of many maps rather than
-/// every repeat of one; the best repeat of each cell is kept. The insert-heavy cells grow
-/// the maps, each repeat with its own share of `new_keys`. One `Vec<Sample>` per row, in
-/// the order of `WORKLOADS` x `THREADS`, one sample per map.
+/// Every map at one key count. All of them are pre-filled, then, workload by workload,
+/// each round runs every thread count of every map once (the maps take turns, starting one
+/// further each round), so that a burst of other work on the machine hits one round of
+/// many maps rather than every round of one; each cell keeps its best round. The
+/// insert-heavy workload comes last, as it grows the maps: each round inserts its own share
+/// of `new_keys`, so its rows are for a map that grows from `keys.len()` ids. One
+/// `Vec<Sample>` per row, in the order of `WORKLOADS` x `THREADS`, one sample per map.
 fn bench_key_count(keys: &[Arc<str>], new_keys: &[Arc<str>], started: Instant) -> Vec<Vec<Sample>> {
     let measure = env_ms("MAPS_BENCH_MEASURE_MS", MEASURE_MS);
     let warmup = env_ms("MAPS_BENCH_WARMUP_MS", WARMUP_MS);
@@ -912,9 +980,9 @@ fn bench_key_count(keys: &[Arc<str>], new_keys: &[Arc<str>], started: Instant) -
     let rows = WORKLOADS.len() * THREADS.len();
     let mut best: Vec<Vec<Option<Sample>>> = vec![vec![None; maps.len()]; rows];
     let share = new_keys.len() / (THREADS.len() * REPEATS);
-    for round in 0..REPEATS {
-        progress(&format!("round {} of {REPEATS}", round + 1));
-        for (w, workload) in WORKLOADS.into_iter().enumerate() {
+    for (w, workload) in WORKLOADS.into_iter().enumerate() {
+        progress(workload.label);
+        for round in 0..REPEATS {
             for (t, threads) in THREADS.into_iter().enumerate() {
                 let row = w * THREADS.len() + t;
                 let seed = (row * REPEATS + round) as u64;
@@ -923,28 +991,20 @@ fn bench_key_count(keys: &[Arc<str>], new_keys: &[Arc<str>], started: Instant) -
                 } else {
                     &new_keys[(t * REPEATS + round) * share..][..share]
                 };
-                // The warm-up runs the get/CAS part of the workload.
-                let warm = Workload {
-                    insert_pct: 0,
-                    ..workload
+                let spec = RunSpec {
+                    workload,
+                    threads,
+                    warmup,
+                    duration: measure,
                 };
                 for i in 0..maps.len() {
                     let m = (i + round) % maps.len();
-                    let spec = RunSpec {
-                        workload: warm,
-                        threads,
-                        duration: warmup,
-                    };
-                    maps[m].run(keys, &[], spec, !seed);
-                    let spec = RunSpec {
-                        workload,
-                        threads,
-                        duration: measure,
-                    };
                     let sample = maps[m].run(keys, fresh, spec, seed);
-                    let cell = &mut best[row][m];
-                    if cell.is_none_or(|b| sample.mops > b.mops) {
-                        *cell = Some(sample);
+                    // Keep the lowest ns/op and the highest Mops/s (with its cpu%).
+                    let cell = best[row][m].get_or_insert(sample);
+                    cell.ns = cell.ns.min(sample.ns);
+                    if sample.mops > cell.mops {
+                        (cell.mops, cell.cpu) = (sample.mops, sample.cpu);
                     }
                 }
             }
@@ -1024,36 +1084,58 @@ fn print_table(
 
 type RowFilter = fn(&str) -> bool;
 
-/// Geometric mean, per map, of its ns/op over the row's best, on the rows `keep` selects.
+/// Per map, the geometric mean over some rows of how far it is from the row's best: its
+/// ns/op over the lowest, or the highest Mops/s over its own (1.00 = always the best).
 fn print_summary(rows: &[(String, Vec<Sample>)]) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nSlowdown vs. the row's fastest, geometric mean of ns/op ratios (1.00 = always fastest)"
+        "\nDistance from the row's best, geometric mean (1.00 = always the best)"
     );
     let _ = write!(out, "{:<LABEL_WIDTH$}", "rows");
     for (name, _) in MAPS {
         let _ = write!(out, "{name:>CELL_WIDTH$}");
     }
     out.push('\n');
-    let selections: [(&str, RowFilter); 3] = [
-        ("1 thread", |l| l.ends_with(" 1t")),
-        ("1 thread, get/CAS only", |l| {
-            l.ends_with(" 1t") && !l.contains("ins")
-        }),
-        ("all", |_| true),
+    let one_thread: RowFilter = |label| label.ends_with(" 1t");
+    let selections: [(&str, RowFilter, bool); 3] = [
+        ("ns/op, 1 thread", one_thread, true),
+        (
+            "ns/op, 1 thread, get/CAS",
+            |label| label.ends_with(" 1t") && !label.contains("ins"),
+            true,
+        ),
+        (
+            "Mops/s, 2 and 4 threads",
+            |label| !label.ends_with(" 1t"),
+            false,
+        ),
     ];
-    for (name, keep) in selections {
+    for (name, keep, by_ns) in selections {
         let _ = write!(out, "{name:<LABEL_WIDTH$}");
+        let kept: Vec<&Vec<Sample>> = rows
+            .iter()
+            .filter(|(l, _)| keep(l))
+            .map(|(_, c)| c)
+            .collect();
         for m in 0..MAPS.len() {
-            let mut log_sum = 0.0;
-            let mut count = 0.0;
-            for (_, cells) in rows.iter().filter(|(l, _)| keep(l)) {
-                let best = cells.iter().map(|c| c.ns).fold(f64::INFINITY, f64::min);
-                log_sum += (cells[m].ns / best).ln();
-                count += 1.0;
-            }
-            let _ = write!(out, "{:>CELL_WIDTH$.2}", (log_sum / count).exp());
+            let log_sum: f64 = kept
+                .iter()
+                .map(|cells| {
+                    if by_ns {
+                        let best = cells.iter().map(|c| c.ns).fold(f64::INFINITY, f64::min);
+                        (cells[m].ns / best).ln()
+                    } else {
+                        let best = cells.iter().map(|c| c.mops).fold(0.0, f64::max);
+                        (best / cells[m].mops).ln()
+                    }
+                })
+                .sum();
+            let _ = write!(
+                out,
+                "{:>CELL_WIDTH$.2}",
+                (log_sum / kept.len() as f64).exp()
+            );
         }
         out.push('\n');
     }
@@ -1090,13 +1172,13 @@ fn main() {
         load_average()
     );
     println!(
-        "ns/op = mean latency of one op on one thread (threads x wall / ops); \
-         Mops/s = all threads together; * = fastest in the row"
+        "ns/op = CPU time per op (all threads' CPU time / ops; on 1 thread, the latency of \
+         one op); Mops/s = ops of all threads per wall-clock second; * = best in the row"
     );
     println!(
-        "cpu% = the lowest, over the row's maps, of on-core time / (wall x min(threads, \
-         cores)): below ~90 in a 1t row, other work took the core; in 2t/4t rows, blocking \
-         on locks lowers it too"
+        "cpu% = the lowest, over the row's maps, of CPU time / (wall x min(threads, cores)) \
+         in the best Mops/s round: below ~90 in a 1t row, other work took the core (Mops/s \
+         is low then); in 2t/4t rows, waiting on locks lowers it too"
     );
     println!(
         "cas = get + build the next Arc<State> + compare-and-swap on the version read; \
