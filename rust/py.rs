@@ -33,6 +33,14 @@ fn repr_opt(py: Python<'_>, text: Option<&str>) -> String {
     }
 }
 
+/// A state's fork link as Python sees it: `(execution_id, version)` or None.
+fn fork_link(state: &State) -> Option<(String, u64)> {
+    state
+        .forked_from
+        .as_ref()
+        .map(|(id, version)| (id.to_string(), *version))
+}
+
 fn member<'py>(py: Python<'py>, members: &[Py<PyAny>], index: usize) -> Bound<'py, PyAny> {
     members[index].bind(py).clone()
 }
@@ -215,10 +223,7 @@ impl PyWorkflowState {
     /// `(execution_id, version)` this execution was forked from, or None.
     #[getter]
     fn forked_from(&self) -> Option<(String, u64)> {
-        self.state
-            .forked_from
-            .as_ref()
-            .map(|(id, version)| (id.to_string(), *version))
+        fork_link(&self.state)
     }
 
     #[getter]
@@ -1182,10 +1187,7 @@ impl PyVersionRecord {
 
     #[getter]
     fn forked_from(&self) -> Option<(String, u64)> {
-        self.state
-            .forked_from
-            .as_ref()
-            .map(|(id, version)| (id.to_string(), *version))
+        fork_link(&self.state)
     }
 
     /// The state after this version.
