@@ -408,11 +408,6 @@ impl Engine {
         Ok(reset_seq)
     }
 
-    /// Forget an execution (a store-backed manager evicting a finished one).
-    pub fn forget(&self, execution_id: &str) -> bool {
-        self.map.remove(execution_id).is_some()
-    }
-
     pub fn get(&self, execution_id: &str) -> Result<Arc<State>, CoreError> {
         Ok(self.slot(execution_id)?.current())
     }
@@ -460,6 +455,10 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<Arc<State>>, CoreError> {
         self.check_open()?;
+        if limit == 0 {
+            // The store-backed manager checks its arguments this way: no scan.
+            return Ok(Vec::new());
+        }
         let mut states: Vec<Arc<State>> = self
             .map
             .iter()

@@ -952,11 +952,6 @@ impl PyCore {
         Ok(self.engine.replace(State::clone(&state.state))?)
     }
 
-    /// Drop an execution from memory (the store keeps it).
-    fn forget(&self, execution_id: &Bound<'_, PyAny>) -> PyResult<bool> {
-        Ok(self.engine.forget(id_str(execution_id, "execution_id")?))
-    }
-
     fn get(&self, py: Python<'_>, execution_id: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let execution_id = id_str(execution_id, "execution_id")?;
         self.engine.slot(execution_id)?.view(py, |state| {

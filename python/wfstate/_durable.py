@@ -124,10 +124,6 @@ class SnapshotTracker:
             tracked[2] = len(snapshot)
         return WriteItem(record, snapshot)
 
-    def forget(self, execution_id: str) -> None:
-        with self._lock:
-            self._tracked.pop(execution_id, None)
-
 
 class _Pending:
     __slots__ = ("error", "finished", "items", "outcomes", "wake")

@@ -391,13 +391,6 @@ class StateManager:
             return False
         return True
 
-    def _ensure_loaded(self, execution_id: str) -> None:
-        try:
-            self._core.get(execution_id)
-        except NotFoundError:
-            if self._store is None or self._load(execution_id) is None:
-                raise
-
     # -- writes ------------------------------------------------------------------
 
     def create_execution(
