@@ -44,7 +44,7 @@ from wfstate import (
     WorkflowState,
 )
 from wfstate.store import Store, open_store
-from wfstate.store.base import LoadedExecution, WriteItem
+from wfstate.store.base import LeaseGrant, LoadedExecution, WriteItem
 from wfstate.store.memory import MemoryStore
 
 Durability = Literal["sync", "async"]
@@ -141,6 +141,27 @@ class ControlledStore:
 
     def storage_bytes(self) -> int:
         return self.inner.storage_bytes()
+
+    def acquire_lease(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
+        return self.inner.acquire_lease(execution_id, owner, ttl_us)
+
+    def renew_lease(self, execution_id: str, owner: str, token: int, ttl_us: int) -> LeaseGrant:
+        return self.inner.renew_lease(execution_id, owner, token, ttl_us)
+
+    def release_lease(self, execution_id: str, owner: str, token: int) -> bool:
+        return self.inner.release_lease(execution_id, owner, token)
+
+    def get_lease(self, execution_id: str) -> LeaseGrant | None:
+        return self.inner.get_lease(execution_id)
+
+    def claim_orphans(self, owner: str, ttl_us: int, limit: int) -> list[LeaseGrant]:
+        return self.inner.claim_orphans(owner, ttl_us, limit)
+
+    def owned_execution_ids(self, owner: str) -> list[str]:
+        return self.inner.owned_execution_ids(owner)
+
+    def lease_log(self, execution_id: str) -> list[tuple[int, str | None, int | None]]:
+        return self.inner.lease_log(execution_id)
 
     def close(self) -> None:
         if self.owns_inner:

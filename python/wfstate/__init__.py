@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from wfstate import _core, _model
 from wfstate._core import EventCursor, NodeState, StateEvent, VersionRecord, WorkflowState
+from wfstate._lease import Heartbeat, Lease
 from wfstate._model import (
     UNSET,
     EventType,
@@ -27,6 +28,8 @@ from wfstate.errors import (
     ConflictError,
     HistoryEvictedError,
     InvalidTransitionError,
+    LeaseHeldError,
+    LeaseLostError,
     NotFoundError,
     StoreUnavailableError,
     ValidationError,
@@ -49,11 +52,15 @@ __all__ = [
     "EventType",
     "ExecutionHistory",
     "ExecutionStatus",
+    "Heartbeat",
     "HistoryEvictedError",
     "HistoryOptions",
     "HistorySummary",
     "InvalidTransitionError",
     "JSONValue",
+    "Lease",
+    "LeaseHeldError",
+    "LeaseLostError",
     "ManagerStats",
     "NodeState",
     "NodeStatus",

@@ -233,6 +233,12 @@ class ManagerStats(TypedDict, total=False):
     ``last_store_error``, ``refused_versions`` (write-behind versions the store refused
     because another writer changed the execution: lost, and the execution reset to the
     stored state) and ``last_refusal``.
+
+    Always, about optimistic concurrency and leases: ``conflicts`` (version conflicts
+    met by ``transact`` and by plain updates that another writer got ahead of),
+    ``conflicts_resolved`` (those whose call then succeeded, by a retry or a merge),
+    ``merges`` (plain updates re-based onto newer versions), ``transact_retries``
+    and ``leases_lost`` (writes and renewals refused with ``LeaseLostError``).
     """
 
     executions: Required[int]
@@ -254,6 +260,11 @@ class ManagerStats(TypedDict, total=False):
     last_store_error: str | None
     refused_versions: int
     last_refusal: str | None
+    conflicts: int
+    conflicts_resolved: int
+    merges: int
+    transact_retries: int
+    leases_lost: int
 
 
 class Flusher:

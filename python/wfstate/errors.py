@@ -10,6 +10,8 @@ here, so this module must never import ``wfstate._core``.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 __all__ = [
     "AlreadyExistsError",
     "BackpressureError",
@@ -17,6 +19,8 @@ __all__ = [
     "ConflictError",
     "HistoryEvictedError",
     "InvalidTransitionError",
+    "LeaseHeldError",
+    "LeaseLostError",
     "NotFoundError",
     "StoreUnavailableError",
     "ValidationError",
@@ -44,20 +48,82 @@ class ConflictError(WfstateError):
     """The execution's version was not the one the write was based on.
 
     ``expected`` is the version the caller based its write on and ``actual`` the
-    version the store held. Nothing was changed.
+    version the store held. ``fields`` names what both the write and the newer
+    versions changed (``"status"``, ``"variables.<name>"``, ``"nodes.<id>"``, ...)
+    when a plain update could not be merged onto the newer versions; it is empty
+    when the conflict is only about the version. Nothing was changed.
     """
 
-    def __init__(self, execution_id: str, expected: int, actual: int) -> None:
-        super().__init__(
+    def __init__(
+        self,
+        execution_id: str,
+        expected: int,
+        actual: int,
+        *,
+        fields: frozenset[str] = frozenset(),
+    ) -> None:
+        message = (
             f"version conflict on execution {execution_id!r}: "
             f"expected version {expected}, found {actual}"
         )
+        if fields:
+            message += f"; both changed {', '.join(sorted(fields))}"
+        super().__init__(message)
         self.execution_id = execution_id
         self.expected = expected
         self.actual = actual
+        self.fields = frozenset(fields)
 
-    def __reduce__(self) -> tuple[type[ConflictError], tuple[str, int, int]]:
-        return (type(self), (self.execution_id, self.expected, self.actual))
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_conflict, (self.execution_id, self.expected, self.actual, self.fields))
+
+
+def _conflict(
+    execution_id: str, expected: int, actual: int, fields: frozenset[str]
+) -> ConflictError:
+    return ConflictError(execution_id, expected, actual, fields=fields)
+
+
+class LeaseHeldError(WfstateError):
+    """Another owner holds a live lease on the execution; ``acquire`` could not take it.
+
+    ``owner`` is the holder and ``expires_at`` (aware, UTC) when its lease runs out
+    unless renewed. Nothing was changed.
+    """
+
+    def __init__(self, execution_id: str, owner: str, expires_at: datetime) -> None:
+        super().__init__(
+            f"execution {execution_id!r} is leased by {owner!r} until {expires_at.isoformat()}"
+        )
+        self.execution_id = execution_id
+        self.owner = owner
+        self.expires_at = expires_at
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.execution_id, self.owner, self.expires_at))
+
+
+class LeaseLostError(WfstateError):
+    """The lease a write (or renew) carried is no longer the execution's lease.
+
+    Another owner took the execution after the lease expired (or it was released):
+    ``token`` is the fencing token the caller held, ``current_token`` the one the
+    store holds now (None when the execution has no lease). Nothing was changed:
+    stop working on the execution.
+    """
+
+    def __init__(self, execution_id: str, token: int, current_token: int | None) -> None:
+        held = "no lease" if current_token is None else f"token {current_token}"
+        super().__init__(
+            f"lease on execution {execution_id!r} with token {token} was lost "
+            f"(the execution now has {held})"
+        )
+        self.execution_id = execution_id
+        self.token = token
+        self.current_token = current_token
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.execution_id, self.token, self.current_token))
 
 
 class InvalidTransitionError(WfstateError):

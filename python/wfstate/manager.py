@@ -34,6 +34,8 @@ from wfstate._durable import (
     SnapshotTracker,
     check_critical,
 )
+from wfstate._lease import Heartbeat, Lease, LeaseGrant, LeaseTable
+from wfstate._merge import fields_of_events, fields_of_update
 from wfstate._model import (
     ExecutionHistory,
     ExecutionStatus,
@@ -46,12 +48,24 @@ from wfstate.errors import (
     AlreadyExistsError,
     ConflictError,
     HistoryEvictedError,
+    InvalidTransitionError,
+    LeaseHeldError,
+    LeaseLostError,
     NotFoundError,
     ValidationError,
 )
 from wfstate.store import Store, open_store
+from wfstate.store.base import WriteItem
 
-__all__ = ["Durability", "ManagerStats", "SnapshotPolicy", "StateManager", "UpdateFn"]
+__all__ = [
+    "Durability",
+    "Heartbeat",
+    "Lease",
+    "ManagerStats",
+    "SnapshotPolicy",
+    "StateManager",
+    "UpdateFn",
+]
 
 #: What ``transact`` calls: it gets the current state and returns the update to
 #: apply to exactly that version, or ``None`` to write nothing.
@@ -64,6 +78,14 @@ _STRIPES = 1024
 # How often a plain update_state (no expected_version) re-bases itself on a newer
 # stored version written by another process before giving up.
 _REBASE_ATTEMPTS = 20
+# transact's backoff after a conflict: none before the first retry (the conflict has
+# just loaded the newer version), then "full jitter" (uniform in [0, cap]) with the
+# cap doubling from _BACKOFF_BASE up to _BACKOFF_MAX seconds. The jitter keeps
+# processes that collided from colliding again in lockstep.
+_BACKOFF_BASE = 0.0005
+_BACKOFF_MAX = 0.05
+_MAX_OWNER_LENGTH = 255
+_COUNTERS = ("conflicts", "conflicts_resolved", "merges", "transact_retries", "leases_lost")
 
 
 def _to_micros(moment: datetime, name: str) -> int:
@@ -73,6 +95,27 @@ def _to_micros(moment: datetime, name: str) -> int:
         raise ValidationError(f"{name} must be timezone-aware (use datetime.now(UTC))")
     delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _check_owner(owner: object) -> str:
+    if not isinstance(owner, str):
+        raise ValidationError(f"owner must be a str, not {type(owner).__name__}")
+    if not 1 <= len(owner) <= _MAX_OWNER_LENGTH or "\x00" in owner:
+        raise ValidationError(
+            f"owner must be 1-{_MAX_OWNER_LENGTH} characters without NUL, not {owner!r}"
+        )
+    try:
+        owner.encode()
+    except UnicodeEncodeError:
+        raise ValidationError(f"owner {owner!r} is not valid Unicode text") from None
+    return owner
+
+
+def _ttl_micros(ttl: object) -> tuple[float, int]:
+    seconds = _positive(ttl, "ttl")
+    if seconds == float("inf") or seconds > 10 * 365 * 86_400:
+        raise ValidationError(f"ttl must be a finite number of seconds, not {ttl!r}")
+    return seconds, max(1, round(seconds * 1_000_000))
 
 
 def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
@@ -109,9 +152,13 @@ class StateManager:
         "_closed_lock",
         "_committer",
         "_core",
+        "_counter_lock",
+        "_counters",
         "_critical",
         "_durability",
         "_flusher",
+        "_lease_lock",
+        "_leases",
         "_recovered",
         "_store",
         "_stripes",
@@ -143,6 +190,12 @@ class StateManager:
         self._recovered: list[str] = []
         self._stripes: list[threading.Lock] = []
         self._closed_lock = threading.Lock()
+        # Leases without a store: the table, and the lock under which a leased write
+        # checks its token and applies (so no grant can slip in between).
+        self._leases = LeaseTable()
+        self._lease_lock = threading.Lock()
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._counter_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -303,19 +356,6 @@ class StateManager:
         if self._flusher is not None:
             self._flusher.flush(timeout=30.0, report=False)
 
-    def recover(self) -> list[WorkflowState]:
-        """The executions that were running or suspended when the store was opened.
-
-        Each is returned as it is now (its last durable state, unless updated since),
-        so the engine can resume it. Executions that have since finished are left out.
-        """
-        states = []
-        for execution_id in self._recovered:
-            state = self.get_state(execution_id)
-            if state.status in (ExecutionStatus.RUNNING, ExecutionStatus.SUSPENDED):
-                states.append(state)
-        return states
-
     # -- the durable write path --------------------------------------------------
 
     def _stripe(self, execution_id: str) -> threading.Lock:
@@ -350,18 +390,28 @@ class StateManager:
             self._core.install(state)
         self._tracker.seed(loaded)
 
-    def _commit(self, prepared: Sequence[PreparedUpdate]) -> None:
+    def _commit(self, prepared: Sequence[PreparedUpdate], lease: Lease | None = None) -> None:
         """Store prepared versions synchronously, then publish them, in order."""
         assert self._committer is not None
         assert self._tracker is not None
         items = [self._tracker.decide(p.record()) for p in prepared]
+        if lease is not None:
+            items = [
+                WriteItem(item.record, item.snapshot, (lease.owner, lease.token)) for item in items
+            ]
         outcomes = self._committer.commit(items)
         for outcome, one in zip(outcomes, prepared, strict=True):
             if outcome is not None:
                 if isinstance(outcome, ConflictError):
                     self._refresh(one.execution_id)
+                elif isinstance(outcome, LeaseLostError):
+                    self._count("leases_lost")
                 raise outcome
             self._core.publish(one, persisted=True)
+
+    def _count(self, counter: str, amount: int = 1) -> None:
+        with self._counter_lock:
+            self._counters[counter] += amount
 
     def _is_critical(self, update: StateUpdate | Mapping[str, Any]) -> bool:
         critical = self._critical
@@ -430,20 +480,47 @@ class StateManager:
         *,
         expected_version: int | None = None,
         actor: str | None = None,
+        lease: Lease | None = None,
     ) -> int:
         """Apply one update atomically and return the new version.
 
         All or nothing: on any error the state, version and history are unchanged.
         With ``expected_version`` the update applies only to that version, else
-        ``ConflictError`` (with ``.expected`` and ``.actual``). Also raises
-        ``NotFoundError``, ``ValidationError``, ``InvalidTransitionError``; with a
-        store, ``StoreUnavailableError`` (sync writes: nothing was applied).
+        ``ConflictError`` (with ``.expected`` and ``.actual``). Without it, an update
+        that another process got ahead of is merged field by field: re-based onto the
+        newer versions when it changes nothing they changed, else ``ConflictError``
+        with ``.fields`` (see docs/semantics.md, "Concurrent writers").
+
+        With ``lease`` (from ``acquire``) the write is fenced: it applies only while
+        that lease is still the execution's, else ``LeaseLostError``. A leased write
+        is synchronous even in async mode.
+
+        Also raises ``NotFoundError``, ``ValidationError``, ``InvalidTransitionError``;
+        with a store, ``StoreUnavailableError`` (sync writes: nothing was applied).
         """
+        if lease is not None:
+            self._check_lease(execution_id, lease)
         if self._store is None:
-            return self._core.apply(execution_id, update, expected_version, actor)
-        if self._durability == "async" and not self._is_critical(update):
+            if lease is None:
+                return self._core.apply(execution_id, update, expected_version, actor)
+            with self._lease_lock:
+                try:
+                    self._leases.check(execution_id, lease.owner, lease.token)
+                except LeaseLostError:
+                    self._count("leases_lost")
+                    raise
+                return self._core.apply(execution_id, update, expected_version, actor)
+        if self._durability == "async" and lease is None and not self._is_critical(update):
             return self._apply_async(execution_id, update, expected_version, actor)
-        return self._apply_sync(execution_id, update, expected_version, actor)
+        return self._apply_sync(execution_id, update, expected_version, actor, lease)
+
+    def _check_lease(self, execution_id: str, lease: Lease) -> None:
+        if not isinstance(lease, Lease):
+            raise ValidationError(f"lease must be a Lease, not {type(lease).__name__}")
+        if lease.execution_id != execution_id:
+            raise ValidationError(
+                f"the lease is on execution {lease.execution_id!r}, not {execution_id!r}"
+            )
 
     def _apply_async(
         self,
@@ -466,28 +543,85 @@ class StateManager:
         update: StateUpdate | Mapping[str, Any],
         expected_version: int | None,
         actor: str | None,
+        lease: Lease | None = None,
     ) -> int:
         core = self._core
+        conflicts = 0
         with self._stripe(execution_id):
             if self._flusher is not None:
                 # Critical update in async mode: everything before it goes first.
                 self._flusher.flush(timeout=30.0, report=False)
             for _attempt in range(_REBASE_ATTEMPTS):
+                prepared = self._prepare(execution_id, update, expected_version, actor)
                 try:
-                    prepared = core.prepare(execution_id, update, expected_version, actor)
-                except NotFoundError:
-                    if self._load(execution_id) is None:
-                        raise
-                    prepared = core.prepare(execution_id, update, expected_version, actor)
-                try:
-                    self._commit([prepared])
-                except ConflictError:
+                    self._commit([prepared], lease)
+                except ConflictError as conflict:
                     # Another process wrote first; memory now holds its version.
                     if expected_version is not None:
                         raise
+                    conflicts += 1
+                    self._count("conflicts")
+                    self._check_merge(execution_id, update, conflict)
+                    self._count("merges")
                     continue
+                if conflicts:
+                    self._count("conflicts_resolved", conflicts)
                 return prepared.version
             raise ConflictError(execution_id, prepared.base_version, core.get(execution_id).version)
+
+    def _prepare(
+        self,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        expected_version: int | None,
+        actor: str | None,
+    ) -> PreparedUpdate:
+        """Prepare on this process's copy; when that copy may be stale (an execution
+        not in memory yet, or an error that a newer stored version could explain),
+        bring it up to the store's version once and prepare again."""
+        core = self._core
+        try:
+            return core.prepare(execution_id, update, expected_version, actor)
+        except NotFoundError:
+            if self._load(execution_id) is None:
+                raise
+        except ConflictError as e:
+            # The caller expects a version this process has not seen yet.
+            if e.expected <= e.actual or not self._stale(execution_id, e.actual):
+                raise
+        except InvalidTransitionError:
+            if not self._stale(execution_id, core.get(execution_id).version):
+                raise
+        return core.prepare(execution_id, update, expected_version, actor)
+
+    def _stale(self, execution_id: str, version: int) -> bool:
+        """Whether the store holds a newer version than ``version``; if so, load it."""
+        assert self._store is not None
+        stored = self._store.current_versions([execution_id]).get(execution_id, 0)
+        if stored <= version:
+            return False
+        self._refresh(execution_id)
+        return True
+
+    def _check_merge(
+        self,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        conflict: ConflictError,
+    ) -> None:
+        """Raise ``ConflictError`` with the shared fields unless ``update`` changes
+        nothing the versions after ``conflict.expected`` changed."""
+        assert self._store is not None
+        deltas = self._store.read_deltas(execution_id, after_version=conflict.expected)
+        theirs = fields_of_events(
+            _core.decode_history(execution_id, deltas, None, None, None, None, None, None)
+        )
+        ours = fields_of_update(update)
+        shared = ours if "*" in theirs else ours & theirs
+        if shared:
+            raise ConflictError(
+                execution_id, conflict.expected, conflict.actual, fields=shared
+            ) from None
 
     def transact(
         self,
@@ -496,33 +630,220 @@ class StateManager:
         *,
         retries: int = 10,
         actor: str | None = None,
+        lease: Lease | None = None,
     ) -> int:
         """Read-modify-write with optimistic concurrency; return the resulting version.
 
         Reads the state, calls ``fn(state)`` for an update and applies it with
-        ``expected_version=state.version``. On a conflict it reads again and calls
-        ``fn`` again, at most ``retries`` more times (with a short jittered backoff
-        after the first few), then re-raises the ``ConflictError``. When ``fn``
-        returns None nothing is written.
+        ``expected_version=state.version``. On a conflict (another thread or process
+        wrote first: the newer version is then loaded) it reads again and calls ``fn``
+        again, at most ``retries`` more times, sleeping a jittered, doubling backoff
+        between retries after the first, then re-raises the ``ConflictError``. When
+        ``fn`` returns None nothing is written. With ``lease`` every attempt is
+        fenced as in ``update_state`` (``LeaseLostError`` is never retried).
         """
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValidationError(f"retries must be a non-negative int, not {retries!r}")
+        if lease is not None:
+            self._check_lease(execution_id, lease)
         attempt = 0
         while True:
             state = self.get_state(execution_id)
             update = fn(state)
             if update is None:
+                if attempt:
+                    self._count("conflicts_resolved", attempt)
                 return state.version
             try:
-                return self.update_state(
-                    execution_id, update, expected_version=state.version, actor=actor
+                version = self.update_state(
+                    execution_id, update, expected_version=state.version, actor=actor, lease=lease
                 )
             except ConflictError:
                 attempt += 1
+                self._count("conflicts")
                 if attempt > retries:
                     raise
-                if attempt > 2:
-                    time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+                self._count("transact_retries")
+                if attempt > 1:
+                    time.sleep(random.uniform(0, min(_BACKOFF_MAX, _BACKOFF_BASE * 2**attempt)))
+                continue
+            if attempt:
+                self._count("conflicts_resolved", attempt)
+            return version
+
+    # -- leases ------------------------------------------------------------------
+
+    def acquire(
+        self,
+        execution_id: str,
+        *,
+        owner: str,
+        ttl: float = 30.0,
+        wait: float = 0.0,
+    ) -> Lease:
+        """Make ``owner`` the execution's leaseholder for ``ttl`` seconds.
+
+        The lease's fencing token is one greater than any earlier grant of this
+        execution. While another owner's lease is live, raises ``LeaseHeldError``
+        (after retrying for up to ``wait`` seconds). The same owner may acquire
+        again (a restarted instance): it gets a new token, which fences its earlier
+        incarnation. ``NotFoundError`` for an unknown execution.
+
+        Leases bind only writers that use them: writes without ``lease=`` are not
+        fenced (use them for what any worker may do, such as signals or counters).
+        """
+        owner = _check_owner(owner)
+        seconds, ttl_us = _ttl_micros(ttl)
+        deadline = time.monotonic() + _positive(wait, "wait", allow_zero=True)
+        pause = 0.01
+        while True:
+            try:
+                grant = self._acquire(execution_id, owner, ttl_us)
+            except LeaseHeldError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                time.sleep(min(remaining, random.uniform(pause / 2, pause)))
+                pause = min(pause * 2, 1.0)
+                continue
+            return Lease._from_grant(grant, seconds)
+
+    def _acquire(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
+        if self._store is not None:
+            return self._store.acquire_lease(execution_id, owner, ttl_us)
+        with self._lease_lock:
+            self._core.get(execution_id)  # NotFoundError
+            return self._leases.acquire(execution_id, owner, ttl_us)
+
+    def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
+        """Extend ``lease`` by ``ttl`` seconds from now (default: its own ttl) and
+        return the renewed lease (same token). ``LeaseLostError`` when another owner
+        has taken the execution (a lease that expired but was not taken renews)."""
+        self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        seconds, ttl_us = _ttl_micros(lease.ttl if ttl is None else ttl)
+        try:
+            if self._store is not None:
+                grant = self._store.renew_lease(
+                    lease.execution_id, lease.owner, lease.token, ttl_us
+                )
+            else:
+                with self._lease_lock:
+                    grant = self._leases.renew(lease.execution_id, lease.owner, lease.token, ttl_us)
+        except LeaseLostError:
+            self._count("leases_lost")
+            raise
+        return Lease._from_grant(grant, seconds)
+
+    def release(self, lease: Lease) -> bool:
+        """End ``lease`` now, so another owner may acquire the execution at once (a
+        running execution released this way is an orphan for ``claim_orphans``).
+        Returns False, changing nothing, when the lease was no longer held."""
+        self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        if self._store is not None:
+            return self._store.release_lease(lease.execution_id, lease.owner, lease.token)
+        with self._lease_lock:
+            return self._leases.release(lease.execution_id, lease.owner, lease.token)
+
+    def get_lease(self, execution_id: str) -> Lease | None:
+        """The execution's current lease, live or expired, or None (never leased, or
+        released). Its ``ttl`` is unknown to a reader and given as 0."""
+        if self._store is not None:
+            grant = self._store.get_lease(execution_id)
+        else:
+            with self._lease_lock:
+                grant = self._leases.get(execution_id)
+        return None if grant is None else Lease._from_grant(grant, 0.0)
+
+    def heartbeat(
+        self,
+        lease: Lease,
+        *,
+        interval: float | None = None,
+        on_lost: Callable[[LeaseLostError], object] | None = None,
+    ) -> Heartbeat:
+        """Renew ``lease`` in a background thread every ``interval`` seconds (default:
+        a third of its ttl) until ``stop()`` or the end of a ``with`` block.
+
+        ``Heartbeat.lease`` is the latest renewal; when another owner takes the
+        execution, ``Heartbeat.lost`` turns True and ``on_lost`` is called.
+        """
+        self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        if interval is None:
+            interval = lease.ttl / 3 if lease.ttl > 0 else 1.0
+        return Heartbeat(
+            self.renew, lease, interval=_positive(interval, "interval"), on_lost=on_lost
+        )
+
+    def claim_orphans(
+        self, *, owner: str, limit: int = 10, ttl: float = 30.0
+    ) -> list[WorkflowState]:
+        """Take over running executions whose lease expired (their owner died) or was
+        released, and return their last durable states.
+
+        Each is granted to ``owner`` for ``ttl`` seconds with a new fencing token, so
+        the dead owner's late writes are refused; ``get_lease(state.execution_id)``
+        returns the lease to write under. At most ``limit``, oldest expiry first;
+        two processes claiming at once never get the same execution. Executions
+        that never had a lease are not orphans.
+        """
+        owner = _check_owner(owner)
+        _, ttl_us = _ttl_micros(ttl)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValidationError(f"limit must be a non-negative int, not {limit!r}")
+        if limit == 0:
+            return []
+        if self._store is not None:
+            grants = self._store.claim_orphans(owner, ttl_us, limit)
+        else:
+            with self._lease_lock:
+                running = [s.execution_id for s in self._core.list(["running"], None, None)]
+                grants = self._leases.claim(running, owner, ttl_us, limit)
+        return [self._take_over(grant.execution_id) for grant in grants]
+
+    def _take_over(self, execution_id: str) -> WorkflowState:
+        """The last durable state of an execution another process may have written."""
+        if self._store is None:
+            return self._core.get(execution_id)
+        self._settle()
+        with self._stripe(execution_id):
+            self._refresh(execution_id)
+        return self.get_state(execution_id)
+
+    def recover(self, *, owner: str | None = None, ttl: float = 30.0) -> list[WorkflowState]:
+        """Executions to resume after a restart.
+
+        Without ``owner``: those that were running or suspended when the store was
+        opened, as they are now (finished ones left out). With ``owner`` (this
+        instance's stable id): the running or suspended executions whose lease was
+        that owner's, each re-acquired with a new fencing token (fencing off the
+        previous incarnation's late writes) and reloaded from the store;
+        ``get_lease`` returns the new leases. Executions another owner has taken
+        since are left out.
+        """
+        if owner is None:
+            states = []
+            for execution_id in self._recovered:
+                state = self.get_state(execution_id)
+                if state.status in (ExecutionStatus.RUNNING, ExecutionStatus.SUSPENDED):
+                    states.append(state)
+            return states
+        owner = _check_owner(owner)
+        _, ttl_us = _ttl_micros(ttl)
+        if self._store is not None:
+            owned = self._store.owned_execution_ids(owner)
+        else:
+            with self._lease_lock:
+                owned = self._leases.owned(owner)
+        states = []
+        for execution_id in owned:
+            try:
+                self._acquire(execution_id, owner, ttl_us)
+            except (LeaseHeldError, NotFoundError):
+                continue
+            state = self._take_over(execution_id)
+            if state.status in (ExecutionStatus.RUNNING, ExecutionStatus.SUSPENDED):
+                states.append(state)
+        return states
 
     def fork(
         self,
@@ -763,6 +1084,13 @@ class StateManager:
             cursors=core["cursors"],
             durable_cursors=core["durable_cursors"],
         )
+        with self._counter_lock:
+            counters = dict(self._counters)
+        stats["conflicts"] = counters["conflicts"]
+        stats["conflicts_resolved"] = counters["conflicts_resolved"]
+        stats["merges"] = counters["merges"]
+        stats["transact_retries"] = counters["transact_retries"]
+        stats["leases_lost"] = counters["leases_lost"]
         if self._store is not None:
             assert self._committer is not None
             stats["store"] = self._store.url

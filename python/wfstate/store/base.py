@@ -8,7 +8,10 @@ the core does that (``wfstate._core.rebuild``, ``decode_history``).
 
 The store is the judge of versions: ``write`` applies an execution's records only if
 the stored version is the first record's ``base_version`` (a creation only if the
-execution does not exist), and reports per execution what it did. A store must never
+execution does not exist) and, for records written under a lease, only if the
+lease's fencing token is still the execution's; it reports per execution what it
+did. It is also the judge of leases (``acquire_lease`` and the rest), on its own
+clock. A store must never
 apply part of a batch: either the transaction commits (with some executions
 refused by the version check) or nothing does and it raises
 ``StoreUnavailableError``.
@@ -25,11 +28,13 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from wfstate._core import VersionRecord
+from wfstate._lease import LeaseGrant
 from wfstate.errors import WfstateError
 
 __all__ = [
     "ACTIVE_STATUSES",
     "EVENT_TYPE_BITS",
+    "LeaseGrant",
     "LoadedExecution",
     "Store",
     "StoredDelta",
@@ -72,10 +77,12 @@ def event_mask(event_types: Sequence[str]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class WriteItem:
-    """One version to write, with its snapshot when the snapshot policy asks for one."""
+    """One version to write, with its snapshot when the snapshot policy asks for one,
+    and the lease it is written under: ``(owner, fencing token)``, or None."""
 
     record: VersionRecord
     snapshot: bytes | None = None
+    lease: tuple[str, int] | None = None
 
 
 #: A stored delta as the core's ``rebuild`` takes it: (version, recorded_at_us, delta).
@@ -120,8 +127,11 @@ class Store(Protocol):
         the whole chain is applied if the stored version equals its first
         ``base_version`` (for a creation: no such execution), else none of it, and
         each of its items gets ``ConflictError(id, expected=base, actual=stored)``
-        (``AlreadyExistsError`` for a creation). Other executions of the batch are
-        unaffected. ``None`` means written.
+        (``AlreadyExistsError`` for a creation). A chain whose first item carries a
+        lease is applied only if the execution's lease is still that owner's grant
+        with that token, else its items get ``LeaseLostError`` (checked before the
+        version). The deltas record the lease they were written under. Other
+        executions of the batch are unaffected. ``None`` means written.
 
         Raises ``StoreUnavailableError`` when the transaction could not commit: then
         nothing of the batch was written.
@@ -174,6 +184,42 @@ class Store(Protocol):
 
     def storage_bytes(self) -> int:
         """Bytes the store's tables and indexes take (for the efficiency figures)."""
+        ...
+
+    def acquire_lease(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
+        """Grant ``owner`` the execution for ``ttl_us`` µs (store clock) with the next
+        fencing token. Raises ``NotFoundError`` for an unknown execution and
+        ``LeaseHeldError`` while another owner's lease is live. The same owner may
+        acquire again: it gets a new token."""
+        ...
+
+    def renew_lease(self, execution_id: str, owner: str, token: int, ttl_us: int) -> LeaseGrant:
+        """Move the lease's expiry to now + ``ttl_us``; ``LeaseLostError`` unless it is
+        still the execution's grant to ``owner`` with ``token`` (expired but not
+        taken is still the grant)."""
+        ...
+
+    def release_lease(self, execution_id: str, owner: str, token: int) -> bool:
+        """End the lease now; False (and nothing changed) when it was not the grant."""
+        ...
+
+    def get_lease(self, execution_id: str) -> LeaseGrant | None:
+        """The execution's current grant (live or expired), or None when it has none."""
+        ...
+
+    def claim_orphans(self, owner: str, ttl_us: int, limit: int) -> list[LeaseGrant]:
+        """Grant ``owner`` up to ``limit`` running executions whose lease expired or
+        was released, oldest expiry first, each with the next token; atomically, so
+        two claimers never get the same execution."""
+        ...
+
+    def owned_execution_ids(self, owner: str) -> list[str]:
+        """Running or suspended executions whose lease (live or expired) is ``owner``'s."""
+        ...
+
+    def lease_log(self, execution_id: str) -> list[tuple[int, str | None, int | None]]:
+        """``(version, lease owner, token)`` of every stored version, in version order
+        (None, None for versions written without a lease): the audit of fencing."""
         ...
 
     def close(self) -> None:

@@ -12,7 +12,14 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from wfstate.errors import AlreadyExistsError, ConflictError, WfstateError
+from wfstate._lease import LeaseGrant, LeaseTable
+from wfstate.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    LeaseLostError,
+    NotFoundError,
+    WfstateError,
+)
 from wfstate.store.base import ACTIVE_STATUSES, LoadedExecution, WriteItem
 
 __all__ = ["MemoryStore"]
@@ -30,6 +37,8 @@ class _Row:
     #: version -> snapshot bytes.
     snapshots: dict[int, bytes] = field(default_factory=dict)
     forked_from: tuple[str, int] | None = None
+    #: version -> (lease owner, token) of the versions written under a lease.
+    leases: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -39,10 +48,11 @@ class MemoryStore:
         self.url = url
         self._lock = threading.Lock()
         self._rows: dict[str, _Row] = {}
+        self._leases = LeaseTable()
         self._closed = False
 
     def schema_version(self) -> int:
-        return 1
+        return 2
 
     def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
         chains: dict[str, list[int]] = {}
@@ -54,9 +64,19 @@ class MemoryStore:
                 first = items[positions[0]].record
                 row = self._rows.get(execution_id)
                 refusal: WfstateError | None = None
-                if first.base_version == 0 and row is not None:
+                lease = items[positions[0]].lease
+                if lease is not None:
+                    try:
+                        self._leases.check(execution_id, *lease)
+                    except LeaseLostError as e:
+                        refusal = e
+                if refusal is None and first.base_version == 0 and row is not None:
                     refusal = AlreadyExistsError(f"execution {execution_id!r} exists already")
-                elif first.base_version != 0 and (row is None or row.version != first.base_version):
+                elif (
+                    refusal is None
+                    and first.base_version != 0
+                    and (row is None or row.version != first.base_version)
+                ):
                     actual = 0 if row is None else row.version
                     refusal = ConflictError(execution_id, first.base_version, actual)
                 if refusal is not None:
@@ -85,6 +105,8 @@ class MemoryStore:
             row.version = record.version
             row.updated_at_us = record.updated_at_us
         row.deltas.append((record.version, record.updated_at_us, record.actor, record.delta))
+        if item.lease is not None:
+            row.leases[record.version] = item.lease
         if item.snapshot is not None:
             row.snapshots[record.version] = item.snapshot
 
@@ -166,6 +188,48 @@ class MemoryStore:
                 sum(len(d[3]) for d in row.deltas) + sum(len(s) for s in row.snapshots.values())
                 for row in self._rows.values()
             )
+
+    def acquire_lease(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
+        with self._lock:
+            if execution_id not in self._rows:
+                raise NotFoundError(f"no execution {execution_id!r}")
+            return self._leases.acquire(execution_id, owner, ttl_us)
+
+    def renew_lease(self, execution_id: str, owner: str, token: int, ttl_us: int) -> LeaseGrant:
+        with self._lock:
+            return self._leases.renew(execution_id, owner, token, ttl_us)
+
+    def release_lease(self, execution_id: str, owner: str, token: int) -> bool:
+        with self._lock:
+            return self._leases.release(execution_id, owner, token)
+
+    def get_lease(self, execution_id: str) -> LeaseGrant | None:
+        with self._lock:
+            return self._leases.get(execution_id)
+
+    def claim_orphans(self, owner: str, ttl_us: int, limit: int) -> list[LeaseGrant]:
+        with self._lock:
+            running = [i for i, row in self._rows.items() if row.status == "running"]
+            return self._leases.claim(running, owner, ttl_us, limit)
+
+    def owned_execution_ids(self, owner: str) -> list[str]:
+        with self._lock:
+            return self._ordered(
+                [
+                    i
+                    for i in self._leases.owned(owner)
+                    if i in self._rows and self._rows[i].status in ACTIVE_STATUSES
+                ]
+            )
+
+    def lease_log(self, execution_id: str) -> list[tuple[int, str | None, int | None]]:
+        with self._lock:
+            row = self._rows.get(execution_id)
+            if row is None:
+                return []
+            return [
+                (version, *row.leases.get(version, (None, None))) for version, _, _, _ in row.deltas
+            ]
 
     def close(self) -> None:
         self._closed = True

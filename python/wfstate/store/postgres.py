@@ -37,15 +37,25 @@ from psycopg.types.numeric import Int8
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from wfstate._core import VersionRecord
+from wfstate._lease import from_micros
 from wfstate.errors import (
     AlreadyExistsError,
     ClosedError,
     ConflictError,
+    LeaseHeldError,
+    LeaseLostError,
+    NotFoundError,
     StoreUnavailableError,
     ValidationError,
     WfstateError,
 )
-from wfstate.store.base import ACTIVE_STATUSES, LoadedExecution, WriteItem, event_mask
+from wfstate.store.base import (
+    ACTIVE_STATUSES,
+    LeaseGrant,
+    LoadedExecution,
+    WriteItem,
+    event_mask,
+)
 
 __all__ = ["PostgresStore"]
 
@@ -152,7 +162,38 @@ def _migrations(schema: str) -> list[tuple[int, list[sql.Composed]]]:
             """
         ),
     ]
-    return [(1, version_1)]
+    # Leases and fencing. The lease lives on the execution's row: the fencing check
+    # then reads the row the version check locks anyway, in the same statement. Each
+    # delta records the lease it was written under (NULLs, free, when none). Neither
+    # new index covers a column an ordinary write changes, so those stay HOT updates.
+    version_2 = [
+        statement(
+            """
+            ALTER TABLE {executions}
+                ADD COLUMN lease_token bigint NOT NULL DEFAULT 0,
+                ADD COLUMN lease_expires_at timestamptz,
+                ADD COLUMN lease_owner text COLLATE "C"
+            """
+        ),
+        statement(
+            """
+            ALTER TABLE {deltas}
+                ADD COLUMN lease_token bigint,
+                ADD COLUMN lease_owner text COLLATE "C"
+            """
+        ),
+        # Startup recovery by owner.
+        statement(
+            "CREATE INDEX wfstate_executions_lease_owner ON {executions} (lease_owner)"
+            " WHERE lease_owner IS NOT NULL"
+        ),
+        # Orphans: running executions that have had a lease, oldest expiry first.
+        statement(
+            "CREATE INDEX wfstate_executions_orphans ON {executions} (lease_expires_at)"
+            " WHERE status = 'running' AND lease_token > 0"
+        ),
+    ]
+    return [(1, version_1), (2, version_2)]
 
 
 def _storable(text: str) -> bool:
@@ -379,6 +420,8 @@ class _Batch:
             "mask": Int8(event_mask(record.event_types)),
             "nodes": _TextArray(record.node_ids),
             "data": record.delta,
+            "lease_owner": None if item.lease is None else item.lease[0],
+            "lease_token": None if item.lease is None else Int8(item.lease[1]),
         }
         if item.snapshot is not None:
             self.parameters["snapshot"] = item.snapshot
@@ -393,6 +436,7 @@ class _Batch:
     def _many(self, items: Sequence[WriteItem]) -> None:
         u_id, u_status = _TextArray(), _TextArray()
         u_base, u_version, u_updated, u_snapshot = (_BigintArray() for _ in range(4))
+        u_lease_owner, u_lease_token = _TextArray(), _BigintArray()
         c_id, c_workflow, c_status, c_forked_id = (_TextArray() for _ in range(4))
         c_version, c_created, c_updated, c_snapshot, c_forked_version = (
             _BigintArray() for _ in range(5)
@@ -400,6 +444,7 @@ class _Batch:
         d_id, d_actor, d_nodes = _TextArray(), _TextArray(), _TextArray()
         d_version, d_recorded, d_mask = _BigintArray(), _BigintArray(), _BigintArray()
         d_data = _ByteaArray()
+        d_lease_owner, d_lease_token = _TextArray(), _BigintArray()
         s_id, s_version, s_data = _TextArray(), _BigintArray(), _ByteaArray()
         # In id order: concurrent batches then insert new rows in one order (as the
         # statement locks existing ones), so they cannot deadlock on each other.
@@ -407,6 +452,7 @@ class _Batch:
             if execution_id in self.refused:
                 continue
             chain = [items[position] for position in self.chains[execution_id]]
+            lease_owner, lease_token = chain[0].lease or (None, None)
             snapshot_version: int | None = None
             for item in chain:
                 record = item.record
@@ -417,6 +463,8 @@ class _Batch:
                 d_mask.append(event_mask(record.event_types))
                 d_nodes.append(_text_array_literal(record.node_ids))
                 d_data.append(record.delta)
+                d_lease_owner.append(lease_owner)
+                d_lease_token.append(lease_token)
                 if item.snapshot is not None:
                     snapshot_version = record.version
                     s_id.append(execution_id)
@@ -441,13 +489,16 @@ class _Batch:
                 u_status.append(last.status)
                 u_updated.append(last.updated_at_us)
                 u_snapshot.append(snapshot_version)
+                u_lease_owner.append(lease_owner)
+                u_lease_token.append(lease_token)
         if not (u_id or c_id):
             return
         self.shape = _WriteShape(False, bool(u_id), bool(c_id), bool(s_id))
         if u_id:
             self.parameters.update(
                 u_id=u_id, u_base=u_base, u_version=u_version, u_status=u_status,
-                u_updated=u_updated, u_snapshot=u_snapshot,
+                u_updated=u_updated, u_snapshot=u_snapshot, u_lease_owner=u_lease_owner,
+                u_lease_token=u_lease_token,
             )  # fmt: skip
         if c_id:
             self.parameters.update(
@@ -457,10 +508,24 @@ class _Batch:
             )  # fmt: skip
         self.parameters.update(
             d_id=d_id, d_version=d_version, d_recorded=d_recorded, d_actor=d_actor,
-            d_mask=d_mask, d_nodes=d_nodes, d_data=d_data,
+            d_mask=d_mask, d_nodes=d_nodes, d_data=d_data, d_lease_owner=d_lease_owner,
+            d_lease_token=d_lease_token,
         )  # fmt: skip
         if s_id:
             self.parameters.update(s_id=s_id, s_version=s_version, s_data=s_data)
+
+
+def _refusal(
+    execution_id: str, item: WriteItem, found: tuple[int, str | None, int] | None
+) -> WfstateError:
+    """Why the store refused an update chain whose row it found as ``found``
+    (version, lease owner, lease token): a lost lease first, else the version."""
+    if item.lease is not None:
+        owner, token = item.lease
+        if found is None or found[1] != owner or found[2] != token:
+            current = None if found is None or found[1] is None else found[2]
+            return LeaseLostError(execution_id, token, current)
+    return ConflictError(execution_id, item.record.base_version, 0 if found is None else found[0])
 
 
 def _storable_record(record: VersionRecord) -> bool:
@@ -753,7 +818,9 @@ class PostgresStore:
             )""",
                 snapshot_version=sql.SQL("%(version)s" if snapshot else "0"),
             )
-            result: sql.Composable = sql.SQL("SELECT execution_id, NULL::bigint FROM passed")
+            result: sql.Composable = sql.SQL(
+                "SELECT execution_id, NULL::bigint, NULL::text, NULL::bigint FROM passed"
+            )
         else:
             passed = self._sql(
                 """passed AS (
@@ -763,14 +830,16 @@ class PostgresStore:
                     updated_at = timestamptz 'epoch' + %(updated)s * interval '1 microsecond',
                     snapshot_version = {snapshot_version}
                 WHERE e.execution_id = %(id)s AND e.version = %(base)s
+                  AND (%(lease_token)s::bigint IS NULL
+                       OR (e.lease_token = %(lease_token)s AND e.lease_owner = %(lease_owner)s))
                 RETURNING e.execution_id
             )""",
                 snapshot_version=sql.SQL("%(version)s" if snapshot else "e.snapshot_version"),
             )
             result = self._sql(
-                """SELECT execution_id, NULL::bigint FROM passed
+                """SELECT execution_id, NULL::bigint, NULL::text, NULL::bigint FROM passed
             UNION ALL
-            SELECT execution_id, version FROM {executions}
+            SELECT execution_id, version, lease_owner, lease_token FROM {executions}
             WHERE execution_id = %(id)s AND NOT EXISTS (SELECT FROM passed)"""
             )
         ctes = [
@@ -778,10 +847,11 @@ class PostgresStore:
             self._sql(
                 """ins AS (
                 INSERT INTO {deltas} (execution_id, version, recorded_at, actor, event_mask,
-                    node_ids, data)
+                    node_ids, data, lease_owner, lease_token)
                 SELECT execution_id, %(version)s,
                     timestamptz 'epoch' + %(updated)s * interval '1 microsecond',
-                    %(actor)s, %(mask)s, %(nodes)s, %(data)s
+                    %(actor)s, %(mask)s, %(nodes)s, %(data)s, %(lease_owner)s,
+                    %(lease_token)s::bigint
                 FROM passed
             )"""
             ),
@@ -837,10 +907,14 @@ class PostgresStore:
                     snapshot_version = coalesce(u.snapshot_version, e.snapshot_version)
                 FROM unnest(%(u_id)s::text[], %(u_base)s::bigint[], %(u_version)s::bigint[],
                             %(u_status)s::text[], %(u_updated)s::bigint[],
-                            %(u_snapshot)s::bigint[])
-                    AS u(execution_id, base, version, status, updated_us, snapshot_version)
+                            %(u_snapshot)s::bigint[], %(u_lease_owner)s::text[],
+                            %(u_lease_token)s::bigint[])
+                    AS u(execution_id, base, version, status, updated_us, snapshot_version,
+                         lease_owner, lease_token)
                     JOIN locked USING (execution_id)
                 WHERE e.execution_id = u.execution_id AND e.version = u.base
+                  AND (u.lease_token IS NULL
+                       OR (e.lease_token = u.lease_token AND e.lease_owner = u.lease_owner))
                 RETURNING e.execution_id
             )"""
                 )
@@ -848,7 +922,8 @@ class PostgresStore:
             ctes.append(
                 self._sql(
                     """stale AS (
-                SELECT e.execution_id, e.version FROM {executions} AS e
+                SELECT e.execution_id, e.version, e.lease_owner, e.lease_token
+                FROM {executions} AS e
                 WHERE e.execution_id = ANY(%(u_id)s::text[])
                   AND e.execution_id NOT IN (SELECT execution_id FROM upd)
             )"""
@@ -883,14 +958,17 @@ class PostgresStore:
             self._sql(
                 """ins AS (
                 INSERT INTO {deltas} (execution_id, version, recorded_at, actor, event_mask,
-                    node_ids, data)
+                    node_ids, data, lease_owner, lease_token)
                 SELECT d.execution_id, d.version,
                     timestamptz 'epoch' + d.recorded_us * interval '1 microsecond',
-                    d.actor, d.event_mask::integer, d.node_ids::text[], d.data
+                    d.actor, d.event_mask::integer, d.node_ids::text[], d.data,
+                    d.lease_owner, d.lease_token
                 FROM unnest(%(d_id)s::text[], %(d_version)s::bigint[],
                             %(d_recorded)s::bigint[], %(d_actor)s::text[],
-                            %(d_mask)s::bigint[], %(d_nodes)s::text[], %(d_data)s::bytea[])
-                    AS d(execution_id, version, recorded_us, actor, event_mask, node_ids, data)
+                            %(d_mask)s::bigint[], %(d_nodes)s::text[], %(d_data)s::bytea[],
+                            %(d_lease_owner)s::text[], %(d_lease_token)s::bigint[])
+                    AS d(execution_id, version, recorded_us, actor, event_mask, node_ids, data,
+                         lease_owner, lease_token)
                 WHERE d.execution_id IN (SELECT execution_id FROM ok)
             )"""
             )
@@ -907,9 +985,13 @@ class PostgresStore:
             )"""
                 )
             )
-        result: sql.Composable = sql.SQL("SELECT execution_id, NULL::bigint FROM ok")
+        result: sql.Composable = sql.SQL(
+            "SELECT execution_id, NULL::bigint, NULL::text, NULL::bigint FROM ok"
+        )
         if has_updates:
-            result = sql.SQL("{} UNION ALL SELECT execution_id, version FROM stale").format(result)
+            result = sql.SQL(
+                "{} UNION ALL SELECT execution_id, version, lease_owner, lease_token FROM stale"
+            ).format(result)
         return sql.SQL("WITH {} {}").format(sql.SQL(",\n").join(ctes), result)
 
     def _refusals(
@@ -921,46 +1003,50 @@ class PostgresStore:
     ) -> dict[str, WfstateError]:
         """The error of each chain the statement refused."""
         written: set[str] = set()
-        stored: dict[str, int] = {}
-        for execution_id, version in rows:
+        stored: dict[str, tuple[int, str | None, int]] = {}
+        for execution_id, version, lease_owner, lease_token in rows:
             if version is None:
                 written.add(execution_id)
             else:
-                stored[execution_id] = version
+                stored[execution_id] = (version, lease_owner, lease_token)
         refusals: dict[str, WfstateError] = {}
         raced: list[str] = []
         for execution_id, positions in batch.chains.items():
             if execution_id in written or execution_id in batch.refused:
                 continue
-            base = items[positions[0]].record.base_version
+            first = items[positions[0]]
+            base = first.record.base_version
             if base == 0:
                 refusals[execution_id] = AlreadyExistsError(
                     f"execution {execution_id!r} exists already"
                 )
                 continue
-            actual = stored.get(execution_id, 0)
-            if actual == base:
+            found = stored.get(execution_id)
+            refusal = _refusal(execution_id, first, found)
+            if isinstance(refusal, ConflictError) and found is not None and found[0] == base:
                 raced.append(execution_id)
-            refusals[execution_id] = ConflictError(execution_id, base, actual)
+            refusals[execution_id] = refusal
         if raced:
             # The row was at the base when the statement began and a concurrent writer
             # moved it on before our UPDATE could: read the version it moved it to. The
             # batch is committed, so a failure here must not raise; the conflict then
             # reports the version as of the statement.
             try:
-                for execution_id, version in conn.execute(
+                for execution_id, version, lease_owner, lease_token in conn.execute(
                     self._statement(
-                        "versions",
+                        "versions_and_leases",
                         conn,
                         lambda: self._sql(
-                            "SELECT execution_id, version FROM {executions}"
-                            " WHERE execution_id = ANY(%s::text[])"
+                            "SELECT execution_id, version, lease_owner, lease_token"
+                            " FROM {executions} WHERE execution_id = ANY(%s::text[])"
                         ),
                     ),
                     (_TextArray(raced),),
                 ):
-                    base = items[batch.chains[execution_id][0]].record.base_version
-                    refusals[execution_id] = ConflictError(execution_id, base, version)
+                    first = items[batch.chains[execution_id][0]]
+                    refusals[execution_id] = _refusal(
+                        execution_id, first, (version, lease_owner, lease_token)
+                    )
             except psycopg.Error:
                 pass
         return refusals
@@ -1134,6 +1220,172 @@ class PostgresStore:
             statement = self._statement(("list", given), conn, build)
             ids = [execution_id for (execution_id,) in conn.execute(statement, parameters)]
         return ids if limit is None or sql_limit else ids[:limit]
+
+    # -- leases -----------------------------------------------------------------------
+    # Expiry is computed on the server's clock (clock_timestamp(): the time of the
+    # statement, not of the transaction), so hosts whose clocks disagree still agree
+    # on who holds a lease. Each method is one autocommit statement; under READ
+    # COMMITTED an UPDATE that waited for a concurrent one re-checks its WHERE on the
+    # row that one left, so two acquirers never both win.
+
+    def _lease_query(
+        self, key: str, action: str, text: LiteralString, parameters: dict[str, Any]
+    ) -> list[TupleRow]:
+        if not _findable(parameters.get("id", "")) or not _findable(parameters.get("owner", "")):
+            return []
+        with self._connection(action) as conn:
+            statement = self._statement(key, conn, lambda: self._sql(text))
+            return conn.execute(statement, parameters).fetchall()
+
+    def acquire_lease(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
+        parameters = {"id": execution_id, "owner": owner, "ttl": Int8(ttl_us)}
+        for _attempt in range(3):
+            rows = self._lease_query(
+                "acquire_lease",
+                "acquiring a lease",
+                """
+                WITH granted AS (
+                    UPDATE {executions} AS e
+                    SET lease_owner = %(owner)s, lease_token = e.lease_token + 1,
+                        lease_expires_at = clock_timestamp() + %(ttl)s * interval '1 microsecond'
+                    WHERE e.execution_id = %(id)s
+                      AND (e.lease_owner IS NULL OR e.lease_owner = %(owner)s
+                           OR e.lease_expires_at <= clock_timestamp())
+                    RETURNING e.lease_token, e.lease_expires_at
+                )
+                SELECT true, lease_token,
+                       (extract(epoch FROM lease_expires_at) * 1000000)::bigint, NULL::text
+                FROM granted
+                UNION ALL
+                SELECT false, lease_token,
+                       (extract(epoch FROM lease_expires_at) * 1000000)::bigint, lease_owner
+                FROM {executions}
+                WHERE execution_id = %(id)s AND NOT EXISTS (SELECT FROM granted)
+                """,
+                parameters,
+            )
+            if not rows:
+                raise NotFoundError(f"no execution {execution_id!r}")
+            granted, token, expires_at_us, holder = rows[0]
+            if granted:
+                return LeaseGrant(execution_id, owner, token, expires_at_us)
+            if holder is not None:
+                raise LeaseHeldError(execution_id, holder, from_micros(expires_at_us))
+            # Released between our UPDATE's check and the statement's snapshot: again.
+        raise LeaseHeldError(execution_id, "(another owner)", from_micros(expires_at_us))
+
+    def renew_lease(self, execution_id: str, owner: str, token: int, ttl_us: int) -> LeaseGrant:
+        rows = self._lease_query(
+            "renew_lease",
+            "renewing a lease",
+            """
+            WITH renewed AS (
+                UPDATE {executions}
+                SET lease_expires_at = clock_timestamp() + %(ttl)s * interval '1 microsecond'
+                WHERE execution_id = %(id)s AND lease_owner = %(owner)s
+                  AND lease_token = %(token)s
+                RETURNING lease_expires_at
+            )
+            SELECT true, (extract(epoch FROM lease_expires_at) * 1000000)::bigint, NULL::bigint
+            FROM renewed
+            UNION ALL
+            SELECT false, NULL::bigint,
+                   CASE WHEN lease_owner IS NULL THEN NULL ELSE lease_token END
+            FROM {executions}
+            WHERE execution_id = %(id)s AND NOT EXISTS (SELECT FROM renewed)
+            """,
+            {"id": execution_id, "owner": owner, "token": Int8(token), "ttl": Int8(ttl_us)},
+        )
+        if rows and rows[0][0]:
+            return LeaseGrant(execution_id, owner, token, rows[0][1])
+        raise LeaseLostError(execution_id, token, rows[0][2] if rows else None)
+
+    def release_lease(self, execution_id: str, owner: str, token: int) -> bool:
+        rows = self._lease_query(
+            "release_lease",
+            "releasing a lease",
+            """
+            UPDATE {executions} SET lease_owner = NULL, lease_expires_at = clock_timestamp()
+            WHERE execution_id = %(id)s AND lease_owner = %(owner)s AND lease_token = %(token)s
+            RETURNING true
+            """,
+            {"id": execution_id, "owner": owner, "token": Int8(token)},
+        )
+        return bool(rows)
+
+    def get_lease(self, execution_id: str) -> LeaseGrant | None:
+        rows = self._lease_query(
+            "get_lease",
+            "reading a lease",
+            """
+            SELECT lease_owner, lease_token,
+                   (extract(epoch FROM lease_expires_at) * 1000000)::bigint
+            FROM {executions} WHERE execution_id = %(id)s AND lease_owner IS NOT NULL
+            """,
+            {"id": execution_id},
+        )
+        if not rows:
+            return None
+        holder, token, expires_at_us = rows[0]
+        return LeaseGrant(execution_id, holder, token, expires_at_us)
+
+    def claim_orphans(self, owner: str, ttl_us: int, limit: int) -> list[LeaseGrant]:
+        # SKIP LOCKED: two claimers (or a claimer and a writer) never wait on each
+        # other's rows; the UPDATE re-checks the expiry on the row it locked.
+        rows = self._lease_query(
+            "claim_orphans",
+            "claiming orphans",
+            """
+            WITH orphans AS (
+                SELECT execution_id FROM {executions}
+                WHERE status = 'running' AND lease_token > 0
+                  AND (lease_owner IS NULL OR lease_expires_at <= clock_timestamp())
+                ORDER BY lease_expires_at, execution_id
+                LIMIT %(limit)s
+                FOR NO KEY UPDATE SKIP LOCKED
+            )
+            UPDATE {executions} AS e
+            SET lease_owner = %(owner)s, lease_token = e.lease_token + 1,
+                lease_expires_at = clock_timestamp() + %(ttl)s * interval '1 microsecond'
+            FROM orphans
+            WHERE e.execution_id = orphans.execution_id
+            RETURNING e.execution_id, e.lease_token,
+                      (extract(epoch FROM e.lease_expires_at) * 1000000)::bigint
+            """,
+            {"owner": owner, "ttl": Int8(ttl_us), "limit": Int8(limit)},
+        )
+        return sorted(
+            (
+                LeaseGrant(execution_id, owner, token, expires)
+                for execution_id, token, expires in rows
+            ),
+            key=lambda grant: (grant.expires_at_us, grant.execution_id),
+        )
+
+    def owned_execution_ids(self, owner: str) -> list[str]:
+        rows = self._lease_query(
+            "owned_execution_ids",
+            "reading owned executions",
+            """
+            SELECT execution_id FROM {executions}
+            WHERE lease_owner = %(owner)s AND status IN ('running', 'suspended')
+            ORDER BY created_at, execution_id
+            """,
+            {"owner": owner},
+        )
+        return [execution_id for (execution_id,) in rows]
+
+    def lease_log(self, execution_id: str) -> list[tuple[int, str | None, int | None]]:
+        rows = self._lease_query(
+            "lease_log",
+            "reading the lease log",
+            """
+            SELECT version, lease_owner, lease_token FROM {deltas}
+            WHERE execution_id = %(id)s ORDER BY version
+            """,
+            {"id": execution_id},
+        )
+        return [(version, holder, token) for version, holder, token in rows]
 
     def storage_bytes(self) -> int:
         with self._connection("measuring storage") as conn:

@@ -44,15 +44,25 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 
+from wfstate._lease import from_micros
 from wfstate.errors import (
     AlreadyExistsError,
     ClosedError,
     ConflictError,
+    LeaseHeldError,
+    LeaseLostError,
+    NotFoundError,
     StoreUnavailableError,
     ValidationError,
     WfstateError,
 )
-from wfstate.store.base import ACTIVE_STATUSES, LoadedExecution, WriteItem, event_mask
+from wfstate.store.base import (
+    ACTIVE_STATUSES,
+    LeaseGrant,
+    LoadedExecution,
+    WriteItem,
+    event_mask,
+)
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -121,6 +131,26 @@ _MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             """,
         ),
     ),
+    (
+        # Leases and fencing: the lease lives on the execution's row (the fencing
+        # check reads the row the version check reads anyway); each delta records
+        # the lease it was written under (NULLs, which cost no bytes, when none).
+        2,
+        (
+            "ALTER TABLE wfstate_executions ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE wfstate_executions ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE wfstate_executions ADD COLUMN lease_expires_at_us INTEGER",
+            "ALTER TABLE wfstate_deltas ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE wfstate_deltas ADD COLUMN lease_token INTEGER",
+            # Startup recovery by owner.
+            "CREATE INDEX wfstate_executions_lease_owner ON wfstate_executions (lease_owner)"
+            " WHERE lease_owner IS NOT NULL",
+            # Orphans: running executions that have had a lease, oldest expiry first.
+            "CREATE INDEX wfstate_executions_orphans"
+            " ON wfstate_executions (lease_expires_at_us)"
+            " WHERE status = 'running' AND lease_token > 0",
+        ),
+    ),
 )
 
 #: The schema version this code migrates a file to.
@@ -154,8 +184,43 @@ _UPDATE_EXECUTION: Final = """
 _SELECT_VERSION: Final = "SELECT version FROM wfstate_executions WHERE execution_id = ?"
 _INSERT_DELTA: Final = """
     INSERT INTO wfstate_deltas (
-        execution_id, version, recorded_at_us, actor, event_mask, node_ids, data
-    ) VALUES (?, ?, ?, ?, ?, ?, ?)
+        execution_id, version, recorded_at_us, actor, event_mask, node_ids, data,
+        lease_owner, lease_token
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_SELECT_LEASE: Final = """
+    SELECT lease_owner, lease_token, coalesce(lease_expires_at_us, 0)
+    FROM wfstate_executions WHERE execution_id = ?
+"""
+_GRANT_LEASE: Final = """
+    UPDATE wfstate_executions
+    SET lease_owner = ?, lease_token = lease_token + 1, lease_expires_at_us = ?
+    WHERE execution_id = ?
+    RETURNING lease_token
+"""
+_RENEW_LEASE: Final = """
+    UPDATE wfstate_executions SET lease_expires_at_us = ?
+    WHERE execution_id = ? AND lease_owner = ? AND lease_token = ?
+"""
+_RELEASE_LEASE: Final = """
+    UPDATE wfstate_executions SET lease_owner = NULL, lease_expires_at_us = 0
+    WHERE execution_id = ? AND lease_owner = ? AND lease_token = ?
+"""
+_SELECT_ORPHANS: Final = """
+    SELECT execution_id FROM wfstate_executions
+    WHERE status = 'running' AND lease_token > 0
+      AND (lease_owner IS NULL OR lease_expires_at_us <= ?)
+    ORDER BY lease_expires_at_us, execution_id
+    LIMIT ?
+"""
+_SELECT_OWNED: Final = """
+    SELECT execution_id FROM wfstate_executions
+    WHERE lease_owner = ? AND status IN ('running', 'suspended')
+    ORDER BY created_at_us, execution_id
+"""
+_SELECT_LEASE_LOG: Final = """
+    SELECT version, lease_owner, lease_token FROM wfstate_deltas
+    WHERE execution_id = ? ORDER BY version
 """
 _INSERT_SNAPSHOT: Final = (
     "INSERT INTO wfstate_snapshots (execution_id, version, data) VALUES (?, ?, ?)"
@@ -217,6 +282,8 @@ class _Chain:
     row: tuple[Any, ...]
     deltas: list[tuple[Any, ...]]
     snapshots: list[tuple[str, int, bytes]]
+    #: (owner, fencing token) the chain is written under, or None.
+    lease: tuple[str, int] | None
 
 
 def _chains(items: Sequence[WriteItem]) -> list[_Chain]:
@@ -228,6 +295,8 @@ def _chains(items: Sequence[WriteItem]) -> list[_Chain]:
     for execution_id, positions in positions_by_execution.items():
         first = items[positions[0]].record
         last = items[positions[-1]].record
+        lease = items[positions[0]].lease
+        lease_owner, lease_token = lease or (None, None)
         deltas: list[tuple[Any, ...]] = []
         snapshots: list[tuple[str, int, bytes]] = []
         for position in positions:
@@ -242,6 +311,8 @@ def _chains(items: Sequence[WriteItem]) -> list[_Chain]:
                     event_mask(record.event_types),
                     json.dumps(record.node_ids),
                     record.delta,
+                    lease_owner,
+                    lease_token,
                 )
             )
             if item.snapshot is not None:
@@ -270,7 +341,9 @@ def _chains(items: Sequence[WriteItem]) -> list[_Chain]:
                 execution_id,
                 first.base_version,
             )
-        chains.append(_Chain(execution_id, positions, first.base_version, row, deltas, snapshots))
+        chains.append(
+            _Chain(execution_id, positions, first.base_version, row, deltas, snapshots, lease)
+        )
     return chains
 
 
@@ -279,6 +352,13 @@ def _write_chains(connection: sqlite3.Connection, chains: list[_Chain]) -> dict[
     refusals: dict[str, WfstateError] = {}
     connection.execute("BEGIN IMMEDIATE")
     for chain in chains:
+        if chain.lease is not None:
+            found = connection.execute(_SELECT_LEASE, (chain.execution_id,)).fetchone()
+            owner, token = chain.lease
+            if found is None or found[0] != owner or found[1] != token:
+                current = None if found is None or found[0] is None else found[1]
+                refusals[chain.execution_id] = LeaseLostError(chain.execution_id, token, current)
+                continue
         if chain.base_version == 0:
             if connection.execute(_INSERT_EXECUTION, chain.row).rowcount == 0:
                 refusals[chain.execution_id] = AlreadyExistsError(
@@ -677,6 +757,86 @@ class SQLiteStore:
             (page_size,) = reader.execute("PRAGMA page_size").fetchone()
             reader.execute("COMMIT")
             return int((page_count - freelist_count) * page_size)
+
+        return self._read(operation)
+
+    # -- leases -------------------------------------------------------------------------
+
+    def _write_op(self, operation: Callable[[sqlite3.Connection], _Result], doing: str) -> _Result:
+        """Run ``operation`` in one BEGIN IMMEDIATE transaction on the write connection."""
+
+        def transaction(writer: sqlite3.Connection) -> _Result:
+            writer.execute("BEGIN IMMEDIATE")
+            result = operation(writer)
+            writer.execute("COMMIT")
+            return result
+
+        with self._write_lock:
+            self._check_usable()
+            return self._retrying(self._writer, transaction, doing=doing)
+
+    def acquire_lease(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
+        def operation(writer: sqlite3.Connection) -> LeaseGrant:
+            found = writer.execute(_SELECT_LEASE, (execution_id,)).fetchone()
+            if found is None:
+                raise NotFoundError(f"no execution {execution_id!r}")
+            holder, _, expires_at_us = found
+            now = _now_us()
+            if holder is not None and holder != owner and expires_at_us > now:
+                raise LeaseHeldError(execution_id, holder, from_micros(expires_at_us))
+            (token,) = writer.execute(_GRANT_LEASE, (owner, now + ttl_us, execution_id)).fetchone()
+            return LeaseGrant(execution_id, owner, token, now + ttl_us)
+
+        return self._write_op(operation, "acquiring a lease")
+
+    def renew_lease(self, execution_id: str, owner: str, token: int, ttl_us: int) -> LeaseGrant:
+        def operation(writer: sqlite3.Connection) -> LeaseGrant:
+            expires_at_us = _now_us() + ttl_us
+            if writer.execute(_RENEW_LEASE, (expires_at_us, execution_id, owner, token)).rowcount:
+                return LeaseGrant(execution_id, owner, token, expires_at_us)
+            found = writer.execute(_SELECT_LEASE, (execution_id,)).fetchone()
+            current = None if found is None or found[0] is None else found[1]
+            raise LeaseLostError(execution_id, token, current)
+
+        return self._write_op(operation, "renewing a lease")
+
+    def release_lease(self, execution_id: str, owner: str, token: int) -> bool:
+        def operation(writer: sqlite3.Connection) -> bool:
+            return writer.execute(_RELEASE_LEASE, (execution_id, owner, token)).rowcount > 0
+
+        return self._write_op(operation, "releasing a lease")
+
+    def get_lease(self, execution_id: str) -> LeaseGrant | None:
+        def operation(reader: sqlite3.Connection) -> LeaseGrant | None:
+            found = reader.execute(_SELECT_LEASE, (execution_id,)).fetchone()
+            if found is None or found[0] is None:
+                return None
+            return LeaseGrant(execution_id, found[0], found[1], found[2])
+
+        return self._read(operation)
+
+    def claim_orphans(self, owner: str, ttl_us: int, limit: int) -> list[LeaseGrant]:
+        def operation(writer: sqlite3.Connection) -> list[LeaseGrant]:
+            now = _now_us()
+            grants = []
+            for (execution_id,) in writer.execute(_SELECT_ORPHANS, (now, limit)).fetchall():
+                (token,) = writer.execute(
+                    _GRANT_LEASE, (owner, now + ttl_us, execution_id)
+                ).fetchone()
+                grants.append(LeaseGrant(execution_id, owner, token, now + ttl_us))
+            return grants
+
+        return self._write_op(operation, "claiming orphans")
+
+    def owned_execution_ids(self, owner: str) -> list[str]:
+        def operation(reader: sqlite3.Connection) -> list[str]:
+            return [execution_id for (execution_id,) in reader.execute(_SELECT_OWNED, (owner,))]
+
+        return self._read(operation)
+
+    def lease_log(self, execution_id: str) -> list[tuple[int, str | None, int | None]]:
+        def operation(reader: sqlite3.Connection) -> list[tuple[int, str | None, int | None]]:
+            return reader.execute(_SELECT_LEASE_LOG, (execution_id,)).fetchall()
 
         return self._read(operation)
 
