@@ -15,67 +15,27 @@ running.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from conftest import service_missing
 from durable_support import loaded, replayed, stored_versions
+from pg_control import answers, can_restart, pg_ctlcluster, wait_for
 from wfstate import StateManager, StoreUnavailableError, WfstateError, _core
 from wfstate.store import open_store
 
 pytestmark = pytest.mark.slow
 
-CLUSTERS = Path("/etc/postgresql")
-
-
-def cluster_version() -> str | None:
-    if not CLUSTERS.is_dir():
-        return None
-    versions = sorted(entry.name for entry in CLUSTERS.iterdir() if (entry / "main").is_dir())
-    return versions[-1] if versions else None
-
-
-def pg_ctlcluster(action: str) -> None:
-    version = cluster_version()
-    assert version is not None
-    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
-    if action == "stop":
-        command += ["-m", "fast"]
-    subprocess.run(command, check=True, timeout=60, capture_output=True)
-
-
-def answers(url: str) -> bool:
-    import psycopg
-
-    try:
-        with psycopg.connect(url, connect_timeout=2) as connection:
-            connection.execute("SELECT 1")
-    except psycopg.Error:
-        return False
-    return True
-
-
-def wait_for(url: str, *, up: bool, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while answers(url) != up:
-        assert time.monotonic() < deadline, f"PostgreSQL still {'down' if up else 'up'}"
-        time.sleep(0.1)
-
 
 @pytest.fixture
 def restartable_postgres(postgres_test_url: str) -> Iterator[str]:
     """The test database, on a cluster this test may stop and start; left running."""
-    if shutil.which("pg_ctlcluster") is None or cluster_version() is None:
-        service_missing("pg_ctlcluster and a cluster under /etc/postgresql are needed")
-    if os.geteuid() != 0:
-        service_missing("restarting PostgreSQL with pg_ctlcluster needs root")
+    reason = can_restart()
+    if reason is not None:
+        service_missing(reason)
     try:
         yield postgres_test_url
     finally:
