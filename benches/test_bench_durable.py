@@ -54,8 +54,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Final
 
 import psycopg
 import pytest
@@ -222,48 +221,6 @@ def measured(group: str, contender: str) -> dict[str, Any] | None:
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------
-
-POSTGRES_URL_ENV: Final = "WFSTATE_TEST_POSTGRES_URL"
-DEFAULT_POSTGRES_URL: Final = "postgresql://root@127.0.0.1:5432/test"
-
-
-def service_missing(reason: str) -> NoReturn:
-    """Skip on a developer's machine; fail under ``CI=true``."""
-    if os.environ.get("CI", "").strip().lower() == "true":
-        pytest.fail(f"{reason} (CI=true: a missing service is a failure)", pytrace=False)
-    pytest.skip(reason)
-
-
-def with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + database))
-
-
-@pytest.fixture(scope="session")
-def bench_database() -> Iterator[str]:
-    """A database of this session's own on the test server, dropped at the end."""
-    server = os.environ.get(POSTGRES_URL_ENV) or DEFAULT_POSTGRES_URL
-    name = f"wfstate_bench_{os.getpid()}"
-    try:
-        with psycopg.connect(server, connect_timeout=3, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.Error as error:
-        service_missing(f"PostgreSQL is unreachable ({POSTGRES_URL_ENV}): {error}")
-    try:
-        yield with_database(server, name)
-    finally:
-        with psycopg.connect(server, connect_timeout=10, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-@pytest.fixture
-def pg_url(bench_database: str) -> str:
-    """The bench database with an empty ``public`` schema."""
-    with psycopg.connect(bench_database, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-    return bench_database
 
 
 def pg_connect(url: str, *, autocommit: bool = True) -> PgConnection:

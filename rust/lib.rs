@@ -24,7 +24,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod _core {
     #[pymodule_export]
     use crate::py::{
-        bind_types, decode_data, decode_history, rebuild, PyCore, PyEventCursor, PyNodeState,
-        PyPreparedUpdate, PyStateEvent, PyVersionRecord, PyWorkflowState,
+        advance, bind_types, decode_data, decode_history, rebuild, PyCore, PyEventCursor,
+        PyNodeState, PyPreparedUpdate, PyStateEvent, PyVersionRecord, PyWorkflowState,
     };
 }

@@ -1288,6 +1288,39 @@ pub fn rebuild(
     })
 }
 
+/// A state moved forward by the stored deltas that follow it, as
+/// `(version, recorded_at_us, delta)` in version order (the versions another writer
+/// stored since): what `rebuild` would give, without reading the snapshot again.
+#[pyfunction]
+#[pyo3(signature = (state, deltas))]
+pub fn advance(
+    py: Python<'_>,
+    state: &PyWorkflowState,
+    deltas: Vec<(u64, i64, Vec<u8>)>,
+) -> PyResult<PyWorkflowState> {
+    let start = state.state.clone();
+    let state = py.detach(|| -> Result<State, CoreError> {
+        let execution_id = start.execution_id.clone();
+        let created_seq = start.created_seq;
+        let mut state = State::clone(&start);
+        for (version, timestamp, delta) in &deltas {
+            let events = codec::decode_delta(delta)?;
+            state = codec::replay_version(
+                Some(state),
+                &execution_id,
+                *version,
+                *timestamp,
+                &events,
+                created_seq,
+            )?;
+        }
+        Ok(state)
+    })?;
+    Ok(PyWorkflowState {
+        state: Arc::new(state),
+    })
+}
+
 /// Stored deltas, as `(version, recorded_at_us, actor, delta)`, back into events
 /// (`seq` 0: the ring order is not stored), filtered like `Core.history`.
 #[pyfunction]

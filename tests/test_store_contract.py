@@ -32,7 +32,12 @@ from wfstate import (
 )
 from wfstate.config import parse_store_url
 from wfstate.store import Store, open_store
-from wfstate.store.base import LoadedExecution, WriteItem
+from wfstate.store.base import (
+    NEWER_DELTAS_LIMIT,
+    LoadedExecution,
+    NewerVersionsConflict,
+    WriteItem,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -620,3 +625,37 @@ def test_reopening_a_migrated_store_migrates_nothing(durable_store_url: str) -> 
 def test_loaded_execution_counts_its_delta_bytes() -> None:
     found = LoadedExecution("x", None, 0, [(1, 10, b"abc"), (2, 11, b"de")])
     assert found.delta_bytes == 5
+
+
+# -- a conflict carries what the writer missed -------------------------------------------
+
+
+def test_stale_single_write_gets_the_newer_deltas_with_its_conflict(store: Store) -> None:
+    recorder = Recorder()
+    written(store, [recorder.create("e1"), recorder.update("e1", {"variables": {"x": 1}})])
+    stale = Recorder()
+    stale.create("e1")
+    newer = [recorder.update("e1", {"variables": {"x": n}}) for n in range(2, 5)]
+    written(store, newer)
+    (outcome,) = store.write(items([stale.update("e1", {"variables": {"y": 1}})]))
+    assert isinstance(outcome, NewerVersionsConflict)
+    assert (outcome.expected, outcome.actual) == (1, 5)
+    assert outcome.newer == store.read_deltas("e1", after_version=1)
+    caught_up = _core.advance(
+        loaded(store, "e1", version=1), [(v, at_us, delta) for v, at_us, _, delta in outcome.newer]
+    )
+    assert caught_up == loaded(store, "e1")
+
+
+def test_a_writer_far_behind_gets_a_plain_conflict(store: Store) -> None:
+    recorder = Recorder()
+    written(store, [recorder.create("e1")])
+    stale = Recorder()
+    stale.create("e1")
+    written(
+        store,
+        [recorder.update("e1", {"variables": {"x": n}}) for n in range(NEWER_DELTAS_LIMIT + 1)],
+    )
+    (outcome,) = store.write(items([stale.update("e1", {"variables": {"y": 1}})]))
+    assert type(outcome) is ConflictError
+    assert (outcome.expected, outcome.actual) == (1, NEWER_DELTAS_LIMIT + 2)

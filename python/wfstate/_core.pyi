@@ -269,6 +269,7 @@ def rebuild(
     snapshot: bytes | None,
     deltas: Sequence[tuple[int, int, bytes]],
 ) -> WorkflowState: ...
+def advance(state: WorkflowState, deltas: Sequence[tuple[int, int, bytes]]) -> WorkflowState: ...
 def decode_history(
     execution_id: str,
     deltas: Sequence[tuple[int, int, str | None, bytes]],

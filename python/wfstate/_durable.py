@@ -96,6 +96,13 @@ class SnapshotTracker:
         with self._lock:
             self._tracked[loaded.execution_id] = [loaded.snapshot_version, loaded.delta_bytes, size]
 
+    def grow(self, execution_id: str, delta_bytes: int) -> None:
+        """Count deltas another writer stored (this process caught up on them)."""
+        with self._lock:
+            tracked = self._tracked.get(execution_id)
+            if tracked is not None:
+                tracked[1] += delta_bytes
+
     def decide(self, record: VersionRecord) -> WriteItem:
         """The write item for ``record``, with a snapshot when the policy says so."""
         policy = self._policy

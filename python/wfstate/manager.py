@@ -55,7 +55,7 @@ from wfstate.errors import (
     ValidationError,
 )
 from wfstate.store import Store, open_store
-from wfstate.store.base import WriteItem
+from wfstate.store.base import NewerVersionsConflict, WriteItem
 
 __all__ = [
     "Durability",
@@ -390,6 +390,23 @@ class StateManager:
             self._core.install(state)
         self._tracker.seed(loaded)
 
+    def _catch_up(self, execution_id: str, conflict: ConflictError) -> None:
+        """Move memory forward to the version another writer stored first: by the
+        deltas the conflict carries when it carries them all, else by a reload."""
+        if isinstance(conflict, NewerVersionsConflict):
+            assert self._tracker is not None
+            try:
+                current = self._core.get(execution_id)
+                if current.version == conflict.expected:
+                    newer = conflict.newer
+                    state = _core.advance(current, [(v, at_us, d) for v, at_us, _, d in newer])
+                    self._core.refresh(state)
+                    self._tracker.grow(execution_id, sum(len(d) for _, _, _, d in newer))
+                    return
+            except (NotFoundError, ValidationError):
+                pass
+        self._refresh(execution_id)
+
     def _commit(self, prepared: Sequence[PreparedUpdate], lease: Lease | None = None) -> None:
         """Store prepared versions synchronously, then publish them, in order."""
         assert self._committer is not None
@@ -403,7 +420,7 @@ class StateManager:
         for outcome, one in zip(outcomes, prepared, strict=True):
             if outcome is not None:
                 if isinstance(outcome, ConflictError):
-                    self._refresh(one.execution_id)
+                    self._catch_up(one.execution_id, outcome)
                 elif isinstance(outcome, LeaseLostError):
                     self._count("leases_lost")
                 raise outcome
@@ -558,7 +575,9 @@ class StateManager:
                 except ConflictError as conflict:
                     # Another process wrote first; memory now holds its version.
                     if expected_version is not None:
-                        raise
+                        raise ConflictError(
+                            execution_id, conflict.expected, conflict.actual
+                        ) from None
                     conflicts += 1
                     self._count("conflicts")
                     self._check_merge(execution_id, update, conflict)
@@ -612,7 +631,10 @@ class StateManager:
         """Raise ``ConflictError`` with the shared fields unless ``update`` changes
         nothing the versions after ``conflict.expected`` changed."""
         assert self._store is not None
-        deltas = self._store.read_deltas(execution_id, after_version=conflict.expected)
+        if isinstance(conflict, NewerVersionsConflict):
+            deltas = conflict.newer
+        else:
+            deltas = self._store.read_deltas(execution_id, after_version=conflict.expected)
         theirs = fields_of_events(
             _core.decode_history(execution_id, deltas, None, None, None, None, None, None)
         )

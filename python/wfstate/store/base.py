@@ -29,13 +29,15 @@ from typing import Protocol, runtime_checkable
 
 from wfstate._core import VersionRecord
 from wfstate._lease import LeaseGrant
-from wfstate.errors import WfstateError
+from wfstate.errors import ConflictError, WfstateError
 
 __all__ = [
     "ACTIVE_STATUSES",
     "EVENT_TYPE_BITS",
+    "NEWER_DELTAS_LIMIT",
     "LeaseGrant",
     "LoadedExecution",
+    "NewerVersionsConflict",
     "Store",
     "StoredDelta",
     "WriteItem",
@@ -83,6 +85,45 @@ class WriteItem:
     record: VersionRecord
     snapshot: bytes | None = None
     lease: tuple[str, int] | None = None
+
+
+#: At most this many newer deltas ride along with a conflict (``NewerVersionsConflict``);
+#: a writer further behind reloads the execution instead.
+NEWER_DELTAS_LIMIT = 64
+
+
+class NewerVersionsConflict(ConflictError):
+    """A ``ConflictError`` from ``Store.write`` that carries what the writer missed.
+
+    ``newer`` holds the stored deltas after ``expected`` up to ``actual``, as
+    ``read_deltas`` gives them, read in the same transaction (or statement) as the
+    version check: the manager moves its copy forward and decides a merge from them
+    without another round trip. Stores add them when it is cheap (one item, a few
+    versions behind); a plain ``ConflictError`` means "reload".
+    """
+
+    def __init__(
+        self,
+        execution_id: str,
+        expected: int,
+        actual: int,
+        newer: list[tuple[int, int, str | None, bytes]],
+    ) -> None:
+        super().__init__(execution_id, expected, actual)
+        self.newer = newer
+
+
+def conflict_with(
+    execution_id: str,
+    expected: int,
+    actual: int,
+    newer: list[tuple[int, int, str | None, bytes]],
+) -> ConflictError:
+    """A ``NewerVersionsConflict`` when ``newer`` is exactly the versions from
+    ``expected + 1`` to ``actual``, else a plain ``ConflictError``."""
+    if expected > 0 and [delta[0] for delta in newer] == list(range(expected + 1, actual + 1)):
+        return NewerVersionsConflict(execution_id, expected, actual, newer)
+    return ConflictError(execution_id, expected, actual)
 
 
 #: A stored delta as the core's ``rebuild`` takes it: (version, recorded_at_us, delta).

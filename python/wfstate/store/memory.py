@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 from wfstate._lease import LeaseGrant, LeaseTable
 from wfstate.errors import (
     AlreadyExistsError,
-    ConflictError,
     LeaseLostError,
     NotFoundError,
     WfstateError,
 )
-from wfstate.store.base import ACTIVE_STATUSES, LoadedExecution, WriteItem
+from wfstate.store.base import (
+    ACTIVE_STATUSES,
+    NEWER_DELTAS_LIMIT,
+    LoadedExecution,
+    WriteItem,
+    conflict_with,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -78,7 +83,8 @@ class MemoryStore:
                     and (row is None or row.version != first.base_version)
                 ):
                     actual = 0 if row is None else row.version
-                    refusal = ConflictError(execution_id, first.base_version, actual)
+                    newer = [] if row is None else self._newer(row, first.base_version)
+                    refusal = conflict_with(execution_id, first.base_version, actual, newer)
                 if refusal is not None:
                     for position in positions:
                         outcomes[position] = refusal
@@ -86,6 +92,13 @@ class MemoryStore:
                 for position in positions:
                     self._apply(items[position])
         return outcomes
+
+    @staticmethod
+    def _newer(row: _Row, base_version: int) -> list[tuple[int, int, str | None, bytes]]:
+        if row.version - base_version > NEWER_DELTAS_LIMIT or base_version < 1:
+            return []
+        start = bisect.bisect_right([d[0] for d in row.deltas], base_version)
+        return row.deltas[start:]
 
     def _apply(self, item: WriteItem) -> None:
         record = item.record

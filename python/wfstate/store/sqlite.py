@@ -48,7 +48,6 @@ from wfstate._lease import from_micros
 from wfstate.errors import (
     AlreadyExistsError,
     ClosedError,
-    ConflictError,
     LeaseHeldError,
     LeaseLostError,
     NotFoundError,
@@ -58,9 +57,11 @@ from wfstate.errors import (
 )
 from wfstate.store.base import (
     ACTIVE_STATUSES,
+    NEWER_DELTAS_LIMIT,
     LeaseGrant,
     LoadedExecution,
     WriteItem,
+    conflict_with,
     event_mask,
 )
 
@@ -187,6 +188,10 @@ _INSERT_DELTA: Final = """
         execution_id, version, recorded_at_us, actor, event_mask, node_ids, data,
         lease_owner, lease_token
     ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_SELECT_NEWER_DELTAS: Final = """
+    SELECT version, recorded_at_us, actor, data FROM wfstate_deltas
+    WHERE execution_id = ? AND version > ? ORDER BY version LIMIT ?
 """
 _SELECT_LEASE: Final = """
     SELECT lease_owner, lease_token, coalesce(lease_expires_at_us, 0)
@@ -367,8 +372,17 @@ def _write_chains(connection: sqlite3.Connection, chains: list[_Chain]) -> dict[
                 continue
         elif connection.execute(_UPDATE_EXECUTION, chain.row).rowcount == 0:
             found = connection.execute(_SELECT_VERSION, (chain.execution_id,)).fetchone()
-            refusals[chain.execution_id] = ConflictError(
-                chain.execution_id, chain.base_version, 0 if found is None else found[0]
+            actual = 0 if found is None else found[0]
+            newer = (
+                connection.execute(
+                    _SELECT_NEWER_DELTAS,
+                    (chain.execution_id, chain.base_version, NEWER_DELTAS_LIMIT),
+                ).fetchall()
+                if 0 < actual - chain.base_version <= NEWER_DELTAS_LIMIT
+                else []
+            )
+            refusals[chain.execution_id] = conflict_with(
+                chain.execution_id, chain.base_version, actual, newer
             )
             continue
         connection.executemany(_INSERT_DELTA, chain.deltas)
