@@ -61,6 +61,13 @@ rust-test: $(STAMP_VENV) ## cargo test
 py-test: build ## pytest
 	$(BIN)/python -m pytest -q
 
+.PHONY: chaos
+chaos: build ## 5 minutes of 8 workers on 100 executions: SIGKILLs, a PostgreSQL restart, then the checker
+	$(BIN)/python tests/chaos.py --backend postgresql --workers 8 --executions 100 \
+		--duration $(or $(CHAOS_SECONDS),300) --directory chaos-run
+	$(BIN)/python tests/chaos.py --backend sqlite --workers 4 --executions 40 \
+		--duration 60 --no-restart --directory chaos-run-sqlite
+
 .PHONY: bench
 bench: build ## Benchmarks (pytest-benchmark and the Rust map comparison); record in BENCHMARKS.md
 	$(BIN)/python -m pytest benches -q --benchmark-enable --benchmark-only \
@@ -75,4 +82,4 @@ fmt: $(STAMP_VENV) ## Format Rust and Python sources in place
 
 .PHONY: clean
 clean: ## Remove the venv and build products
-	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
+	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks chaos-run chaos-run-sqlite

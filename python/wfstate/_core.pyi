@@ -14,6 +14,7 @@ __all__ = [
     "StateEvent",
     "VersionRecord",
     "WorkflowState",
+    "advance",
     "bind_types",
     "decode_data",
     "decode_history",
