@@ -86,6 +86,8 @@ class Pool:
             process.stdin.close()
         for process in self.processes:
             process.wait(timeout=30)
+            assert process.stdout is not None
+            process.stdout.close()
 
 
 def create(url: str, prefixes: set[str]) -> None:

@@ -301,6 +301,23 @@ def test_acquire_waits_for_a_lease_to_run_out(leasing_manager: StateManager) -> 
     assert lease.owner == "w2"
 
 
+def test_a_lease_read_from_another_manager_needs_a_ttl_to_renew(
+    durable_store_url: str,
+) -> None:
+    with (
+        StateManager.open(durable_store_url) as first,
+        StateManager.open(durable_store_url) as second,
+    ):
+        first.create_execution("e1", workflow_id="wf")
+        granted = first.acquire("e1", owner="w1", ttl=30)
+        seen = second.get_lease("e1")
+        assert seen is not None
+        assert (seen.owner, seen.token, seen.ttl) == ("w1", granted.token, 0.0)
+        with pytest.raises(ValidationError, match="ttl"):
+            second.renew(seen)
+        assert second.renew(seen, ttl=10).token == granted.token
+
+
 def test_release_lets_another_owner_in_at_once(leasing_manager: StateManager) -> None:
     sm = leasing_manager
     sm.create_execution("e1", workflow_id="wf")
@@ -353,8 +370,9 @@ def test_claim_orphans_returns_states_with_leases_to_write_under(
     assert all(isinstance(state, WorkflowState) for state in states)
     lease = sm.get_lease("a")
     assert lease is not None
-    assert (lease.owner, lease.token) == ("rescuer", 2)
+    assert (lease.owner, lease.token, lease.ttl) == ("rescuer", 2, 30.0)
     assert sm.update_state("a", {"variables": {"rescued": True}}, lease=lease) == 2
+    assert sm.renew(lease).expires_at >= lease.expires_at
     assert sm.claim_orphans(owner="rescuer", limit=0) == []
 
 

@@ -157,6 +157,7 @@ class StateManager:
         "_critical",
         "_durability",
         "_flusher",
+        "_granted",
         "_lease_lock",
         "_leases",
         "_recovered",
@@ -194,6 +195,9 @@ class StateManager:
         # checks its token and applies (so no grant can slip in between).
         self._leases = LeaseTable()
         self._lease_lock = threading.Lock()
+        # The ttl of the grants this manager made, by (execution, owner, token), so
+        # that get_lease after claim_orphans or recover gives a lease that renews.
+        self._granted: dict[tuple[str, str, int], float] = {}
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._counter_lock = threading.Lock()
 
@@ -728,7 +732,13 @@ class StateManager:
                 time.sleep(min(remaining, random.uniform(pause / 2, pause)))
                 pause = min(pause * 2, 1.0)
                 continue
-            return Lease._from_grant(grant, seconds)
+            return self._granted_lease(grant, seconds)
+
+    def _granted_lease(self, grant: LeaseGrant, seconds: float) -> Lease:
+        assert grant.owner is not None
+        with self._counter_lock:
+            self._granted[(grant.execution_id, grant.owner, grant.token)] = seconds
+        return Lease._from_grant(grant, seconds)
 
     def _acquire(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
         if self._store is not None:
@@ -742,6 +752,8 @@ class StateManager:
         return the renewed lease (same token). ``LeaseLostError`` when another owner
         has taken the execution (a lease that expired but was not taken renews)."""
         self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        if ttl is None and lease.ttl <= 0:
+            raise ValidationError("this lease's ttl is unknown (read by get_lease): give ttl")
         seconds, ttl_us = _ttl_micros(lease.ttl if ttl is None else ttl)
         try:
             if self._store is not None:
@@ -761,6 +773,8 @@ class StateManager:
         running execution released this way is an orphan for ``claim_orphans``).
         Returns False, changing nothing, when the lease was no longer held."""
         self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        with self._counter_lock:
+            self._granted.pop((lease.execution_id, lease.owner, lease.token), None)
         if self._store is not None:
             return self._store.release_lease(lease.execution_id, lease.owner, lease.token)
         with self._lease_lock:
@@ -768,13 +782,19 @@ class StateManager:
 
     def get_lease(self, execution_id: str) -> Lease | None:
         """The execution's current lease, live or expired, or None (never leased, or
-        released). Its ``ttl`` is unknown to a reader and given as 0."""
+        released). Its ``ttl`` is the one granted when this manager made the grant
+        (``acquire``, ``claim_orphans``, ``recover``), else 0 (unknown: ``renew`` then
+        needs a ``ttl``)."""
         if self._store is not None:
             grant = self._store.get_lease(execution_id)
         else:
             with self._lease_lock:
                 grant = self._leases.get(execution_id)
-        return None if grant is None else Lease._from_grant(grant, 0.0)
+        if grant is None or grant.owner is None:
+            return None
+        with self._counter_lock:
+            seconds = self._granted.get((execution_id, grant.owner, grant.token), 0.0)
+        return Lease._from_grant(grant, seconds)
 
     def heartbeat(
         self,
@@ -809,7 +829,7 @@ class StateManager:
         that never had a lease are not orphans.
         """
         owner = _check_owner(owner)
-        _, ttl_us = _ttl_micros(ttl)
+        seconds, ttl_us = _ttl_micros(ttl)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValidationError(f"limit must be a non-negative int, not {limit!r}")
         if limit == 0:
@@ -820,7 +840,11 @@ class StateManager:
             with self._lease_lock:
                 running = [s.execution_id for s in self._core.list(["running"], None, None)]
                 grants = self._leases.claim(running, owner, ttl_us, limit)
-        return [self._take_over(grant.execution_id) for grant in grants]
+        states = []
+        for grant in grants:
+            self._granted_lease(grant, seconds)
+            states.append(self._take_over(grant.execution_id))
+        return states
 
     def _take_over(self, execution_id: str) -> WorkflowState:
         """The last durable state of an execution another process may have written."""
@@ -850,7 +874,7 @@ class StateManager:
                     states.append(state)
             return states
         owner = _check_owner(owner)
-        _, ttl_us = _ttl_micros(ttl)
+        seconds, ttl_us = _ttl_micros(ttl)
         if self._store is not None:
             owned = self._store.owned_execution_ids(owner)
         else:
@@ -859,7 +883,7 @@ class StateManager:
         states = []
         for execution_id in owned:
             try:
-                self._acquire(execution_id, owner, ttl_us)
+                self._granted_lease(self._acquire(execution_id, owner, ttl_us), seconds)
             except (LeaseHeldError, NotFoundError):
                 continue
             state = self._take_over(execution_id)
