@@ -5,6 +5,7 @@
 //! `engine` (the state map and the two-phase write), `convert` (Python <-> Rust
 //! values, with validation), `py` (the Python classes) and `errors`.
 
+pub mod batch;
 pub mod codec;
 pub mod convert;
 pub mod engine;
@@ -22,6 +23,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[pymodule(gil_used = false)]
 mod _core {
+    #[pymodule_export]
+    use crate::batch::PyRecordBatch;
     #[pymodule_export]
     use crate::py::{
         advance, bind_types, decode_data, decode_history, rebuild, PyCore, PyEventCursor,

@@ -6,6 +6,7 @@
 //! is released only around bulk work (history and list scans, waits for the ring),
 //! never around an O(1) call.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyType};
 
+use crate::batch::PyRecordBatch;
 use crate::codec;
 use crate::convert::{
     self, datetime_from_micros, event_kind, id_str, json_entries, json_to_py, opt_count,
@@ -468,6 +470,57 @@ pub struct PyEventCursor {
 }
 
 impl PyEventCursor {
+    fn read_versions(
+        &self,
+        py: Python<'_>,
+        max_events: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<PyVersionRecord>> {
+        let id = self.open_id()?;
+        let deadline = timeout.map(|t| deadline_after(t, "timeout")).transpose()?;
+        let ring = &self.ring;
+        let records = py.detach(|| -> Result<Vec<PyVersionRecord>, CoreError> {
+            let slots = ring.read_slots(id, max_events, deadline)?;
+            let mut records = Vec::new();
+            let mut start = 0;
+            while start < slots.len() {
+                let first = &slots[start].event;
+                let mut end = start + 1;
+                while end < slots.len()
+                    && slots[end].event.version == first.version
+                    && slots[end].event.execution_id == first.execution_id
+                {
+                    end += 1;
+                }
+                let group = &slots[start..end];
+                if !group.iter().all(|slot| slot.persisted) {
+                    let state = group[0].state.clone();
+                    let base = if first.kind == EventKind::ExecutionCreated {
+                        0
+                    } else {
+                        first.version - 1
+                    };
+                    records.push(PyVersionRecord::new(
+                        state,
+                        base,
+                        first.actor.clone(),
+                        group.iter().map(|slot| {
+                            (
+                                slot.event.kind,
+                                slot.event.node_id.clone(),
+                                &*slot.event.data,
+                            )
+                        }),
+                        group[end - start - 1].event.seq,
+                    ));
+                }
+                start = end;
+            }
+            Ok(records)
+        })?;
+        Ok(records)
+    }
+
     fn open_id(&self) -> Result<u64, CoreError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(CoreError::Closed("the event cursor is closed".into()));
@@ -537,49 +590,32 @@ impl PyEventCursor {
         max_events: usize,
         timeout: Option<f64>,
     ) -> PyResult<Vec<PyVersionRecord>> {
-        let id = self.open_id()?;
-        let deadline = timeout.map(|t| deadline_after(t, "timeout")).transpose()?;
-        let ring = &self.ring;
-        let records = py.detach(|| -> Result<Vec<PyVersionRecord>, CoreError> {
-            let slots = ring.read_slots(id, max_events, deadline)?;
-            let mut records = Vec::new();
-            let mut start = 0;
-            while start < slots.len() {
-                let first = &slots[start].event;
-                let mut end = start + 1;
-                while end < slots.len()
-                    && slots[end].event.version == first.version
-                    && slots[end].event.execution_id == first.execution_id
-                {
-                    end += 1;
-                }
-                let group = &slots[start..end];
-                if !group.iter().all(|slot| slot.persisted) {
-                    let state = group[0].state.clone();
-                    let base = if first.kind == EventKind::ExecutionCreated {
-                        0
-                    } else {
-                        first.version - 1
-                    };
-                    records.push(PyVersionRecord::new(
-                        state,
-                        base,
-                        first.actor.clone(),
-                        group.iter().map(|slot| {
-                            (
-                                slot.event.kind,
-                                slot.event.node_id.clone(),
-                                &*slot.event.data,
-                            )
-                        }),
-                        group[end - start - 1].event.seq,
-                    ));
-                }
-                start = end;
-            }
-            Ok(records)
-        })?;
-        Ok(records)
+        self.read_versions(py, max_events, timeout)
+    }
+
+    /// The same versions as `read_records`, kept in Rust as one `RecordBatch` that
+    /// encodes a store's parameters for all of them at once. Versions of an execution
+    /// in `skip_before` whose last event precedes the given sequence number are left
+    /// out (a lineage the store refused) and counted in `dropped`.
+    #[pyo3(signature = (max_events = 1000, timeout = None, skip_before = None))]
+    fn read_batch(
+        &self,
+        py: Python<'_>,
+        max_events: usize,
+        timeout: Option<f64>,
+        skip_before: Option<HashMap<String, u64>>,
+    ) -> PyResult<PyRecordBatch> {
+        let mut records = self.read_versions(py, max_events, timeout)?;
+        let mut dropped = 0;
+        if let Some(skip) = skip_before.filter(|skip| !skip.is_empty()) {
+            let before = records.len();
+            records.retain(|record| {
+                skip.get(&*record.state.execution_id)
+                    .is_none_or(|reset_seq| record.last_seq >= *reset_seq)
+            });
+            dropped = before - records.len();
+        }
+        Ok(PyRecordBatch::new(records, dropped))
     }
 
     /// Mark events up to `seq` (default: all read so far) as taken.
@@ -1070,18 +1106,19 @@ impl PyCore {
 
 /// One version as a store writes it: the row of the execution and its delta.
 #[pyclass(frozen, module = "wfstate._core", name = "VersionRecord")]
+#[derive(Clone)]
 pub struct PyVersionRecord {
-    state: Arc<State>,
-    base_version: u64,
-    actor: Option<Arc<str>>,
-    delta: Vec<u8>,
-    event_types: Vec<EventKind>,
-    node_ids: Vec<Arc<str>>,
-    last_seq: u64,
+    pub(crate) state: Arc<State>,
+    pub(crate) base_version: u64,
+    pub(crate) actor: Option<Arc<str>>,
+    pub(crate) delta: Vec<u8>,
+    pub(crate) event_types: Vec<EventKind>,
+    pub(crate) node_ids: Vec<Arc<str>>,
+    pub(crate) last_seq: u64,
 }
 
 impl PyVersionRecord {
-    fn new<'a>(
+    pub(crate) fn new<'a>(
         state: Arc<State>,
         base_version: u64,
         actor: Option<Arc<str>>,
@@ -1166,6 +1203,13 @@ impl PyVersionRecord {
     #[getter]
     fn event_types(&self) -> Vec<&'static str> {
         self.event_types.iter().map(|k| k.as_str()).collect()
+    }
+
+    /// One bit per event type (the store's `event_mask` column; the bits of
+    /// `wfstate.store.base.EVENT_TYPE_BITS`).
+    #[getter]
+    fn event_mask(&self) -> u32 {
+        crate::batch::event_mask(&self.event_types)
     }
 
     /// The distinct nodes the version's events are about.

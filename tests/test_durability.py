@@ -43,6 +43,7 @@ from wfstate import (
     WfstateError,
     WorkflowState,
 )
+from wfstate._core import RecordBatch
 from wfstate.store import Store, open_store
 from wfstate.store.base import LeaseGrant, LoadedExecution, WriteItem
 from wfstate.store.memory import MemoryStore
@@ -86,7 +87,8 @@ class ControlledStore:
     def schema_version(self) -> int:
         return self.inner.schema_version()
 
-    def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
+    def _enter_write(self) -> None:
+        """Wait at the gate, then fail if the switch says so."""
         self.gate.wait()
         with self._lock:
             failing = self.broken or self.fail_next_writes > 0
@@ -96,6 +98,9 @@ class ControlledStore:
                 self.failed_writes += 1
         if failing:
             raise StoreUnavailableError(f"injected failure of {self.url}", target=self.url)
+
+    def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
+        self._enter_write()
         outcomes = self.inner.write(items)
         thread = threading.current_thread().name
         with self._lock:
@@ -103,6 +108,18 @@ class ControlledStore:
                 if outcome is None:
                     self.writers[(item.record.execution_id, item.record.version)] = thread
         return outcomes
+
+    def write_batch(
+        self, batch: RecordBatch, snapshot: Sequence[bool]
+    ) -> tuple[dict[str, WfstateError], list[int]]:
+        self._enter_write()
+        refusals, sizes = self.inner.write_batch(batch, snapshot)
+        thread = threading.current_thread().name
+        with self._lock:
+            for record in batch.records():
+                if record.execution_id not in refusals:
+                    self.writers[(record.execution_id, record.version)] = thread
+        return refusals, sizes
 
     def load(self, execution_id: str, *, version: int | None = None) -> LoadedExecution | None:
         return self.inner.load(execution_id, version=version)

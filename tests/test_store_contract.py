@@ -30,13 +30,16 @@ from wfstate import (
     WorkflowState,
     _core,
 )
+from wfstate._core import RecordBatch
 from wfstate.config import parse_store_url
 from wfstate.store import Store, open_store
 from wfstate.store.base import (
+    EVENT_TYPE_BITS,
     NEWER_DELTAS_LIMIT,
     LoadedExecution,
     NewerVersionsConflict,
     WriteItem,
+    event_mask,
 )
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -659,3 +662,125 @@ def test_a_writer_far_behind_gets_a_plain_conflict(store: Store) -> None:
     (outcome,) = store.write(items([stale.update("e1", {"variables": {"y": 1}})]))
     assert type(outcome) is ConflictError
     assert (outcome.expected, outcome.actual) == (1, NEWER_DELTAS_LIMIT + 2)
+
+
+# -- write-behind batches (encoded in Rust) ---------------------------------------------
+
+
+def batch_of(stories: dict[str, int]) -> tuple[RecordBatch, list[VersionRecord]]:
+    """A RecordBatch of creations and ``STORY`` updates, and the same versions as
+    records (the per-version path), from a core of the test's own."""
+    core = _core.Core()
+    cursor = core.open_cursor(durable=True)
+    for execution_id, length in stories.items():
+        core.create(execution_id, "wf-batch", {"n": 1}, None, "creator")
+        for position, update in enumerate(STORY[:length]):
+            core.apply(execution_id, update, None, None if position % 2 else f"actor-{position}")
+    records = core.open_cursor(durable=False, from_oldest=True).read_records(10_000, timeout=0)
+    batch = cursor.read_batch(10_000, timeout=0)
+    return batch, records
+
+
+def test_write_batch_stores_what_write_stores(store: Store, store_url: str) -> None:
+    batch, records = batch_of({"b1": len(STORY), "b2": 3, "b3": 0})
+    chains = batch.chains()
+    assert [chain[0] for chain in chains] == ["b1", "b2", "b3"]
+    assert [chain[6] for chain in chains] == [len(STORY) + 1, 4, 1]
+    snapshot = [True, False, True]
+    refusals, sizes = store.write_batch(batch, snapshot)
+    assert refusals == {}
+    assert sizes[1] == 0
+    assert sizes[0] == len(records[len(STORY)].snapshot())
+    for execution_id in ("b1", "b2", "b3"):
+        mine = [r for r in records if r.execution_id == execution_id]
+        stored = store.read_deltas(execution_id)
+        assert [(v, at_us, actor, delta) for v, at_us, actor, delta in stored] == [
+            (r.version, r.updated_at_us, r.actor, r.delta) for r in mine
+        ]
+        assert loaded(store, execution_id) == replayed(store, execution_id) == mine[-1].state
+    # The flagged chains' last versions have snapshots; load starts from them.
+    found = store.load("b1")
+    assert found is not None
+    assert (found.snapshot_version, found.deltas) == (len(STORY) + 1, [])
+    assert store.load("b2") is not None
+    assert store.load("b2").snapshot_version == 0  # type: ignore[union-attr]
+    assert store.list_execution_ids(workflow_id="wf-batch") == ["b1", "b2", "b3"]
+    if not store_url.startswith("memory:"):
+        assert stored_columns(store_url) == expected_columns(records)
+
+
+def stored_columns(url: str) -> list[tuple[str, int, int, list[str]]]:
+    """(execution, version, event_mask, node ids) of every stored delta, by SQL."""
+    if url.startswith("sqlite:"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            rows = conn.execute(
+                "SELECT execution_id, version, event_mask, node_ids FROM wfstate_deltas"
+                " ORDER BY execution_id, version"
+            ).fetchall()
+        return [(e, v, m, json.loads(n)) for e, v, m, n in rows]
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return [
+            (e, v, m, list(n))
+            for e, v, m, n in conn.execute(
+                "SELECT execution_id, version, event_mask, node_ids FROM wfstate_deltas"
+                " ORDER BY execution_id, version"
+            )
+        ]
+
+
+def expected_columns(records: Sequence[VersionRecord]) -> list[tuple[str, int, int, list[str]]]:
+    return sorted(
+        (r.execution_id, r.version, event_mask(r.event_types), r.node_ids) for r in records
+    )
+
+
+def test_write_batch_refuses_only_the_chains_that_fail_their_check(store: Store) -> None:
+    recorder = Recorder()
+    written(store, [recorder.create("b2")])  # b2 exists: the batch's creation is refused
+    batch, _ = batch_of({"b1": 2, "b2": 2})
+    refusals, _ = store.write_batch(batch, [False, False])
+    assert isinstance(refusals["b2"], AlreadyExistsError)
+    assert set(refusals) == {"b2"}
+    assert store.current_versions(["b1", "b2"]) == {"b1": 3, "b2": 1}
+    # The same batch again: b1's chain now conflicts (stored version 3, base 0).
+    refusals, _ = store.write_batch(batch, [False, False])
+    assert isinstance(refusals["b1"], AlreadyExistsError)
+
+
+def test_write_batch_update_chain_conflicts_on_a_moved_base(store: Store) -> None:
+    core = _core.Core()
+    core.create("b1", "wf", None, None, None)
+    setup = core.open_cursor(durable=True, from_oldest=True).read_batch(10, timeout=0)
+    assert store.write_batch(setup, [False])[0] == {}
+    cursor = core.open_cursor(durable=True)
+    core.apply("b1", {"variables": {"x": 1}}, None, None)
+    core.apply("b1", {"variables": {"x": 2}}, None, None)
+    batch = cursor.read_batch(10, timeout=0)
+    assert batch.chains()[0][1:3] == (1, 3)
+    other = Recorder()
+    other.core.install(loaded(store, "b1"))
+    written(store, [other.update("b1", {"variables": {"y": 1}})])
+    refusals, _ = store.write_batch(batch, [False])
+    assert_conflict(refusals["b1"], "b1", expected=1, actual=2)
+    assert store.current_versions(["b1"]) == {"b1": 2}
+
+
+def test_event_mask_of_the_core_matches_the_stores_bits() -> None:
+    _, records = batch_of({"m1": len(STORY)})
+    for record in records:
+        assert record.event_mask == event_mask(record.event_types)
+    assert all(bit.bit_count() == 1 for bit in EVENT_TYPE_BITS.values())
+
+
+def test_batch_skips_a_refused_lineage() -> None:
+    core = _core.Core()
+    cursor = core.open_cursor(durable=True)
+    core.create("a", "wf", None, None, None)
+    core.create("b", "wf", None, None, None)
+    core.apply("a", {"variables": {"x": 1}}, None, None)
+    next_seq = core.stats()["next_seq"]
+    batch = cursor.read_batch(100, timeout=0, skip_before={"a": next_seq})
+    assert batch.dropped == 2
+    assert [chain[0] for chain in batch.chains()] == ["b"]

@@ -11,6 +11,7 @@ __all__ = [
     "EventCursor",
     "NodeState",
     "PreparedUpdate",
+    "RecordBatch",
     "StateEvent",
     "VersionRecord",
     "WorkflowState",
@@ -141,6 +142,8 @@ class VersionRecord:
     @property
     def event_types(self) -> list[str]: ...
     @property
+    def event_mask(self) -> int: ...
+    @property
     def node_ids(self) -> list[str]: ...
     @property
     def last_seq(self) -> int: ...
@@ -170,8 +173,41 @@ class EventCursor:
     def read_records(
         self, max_events: int = 1000, timeout: float | None = None
     ) -> list[VersionRecord]: ...
+    def read_batch(
+        self,
+        max_events: int = 1000,
+        timeout: float | None = None,
+        skip_before: Mapping[str, int] | None = None,
+    ) -> RecordBatch: ...
     def commit(self, seq: int | None = None) -> None: ...
     def close(self) -> None: ...
+
+@final
+class RecordBatch:
+    """Versions a durable cursor read, kept in Rust and encoded for a store at once."""
+
+    def __len__(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    def records(self) -> list[VersionRecord]: ...
+    def chains(self) -> list[tuple[str, int, int, str, int, int, int]]: ...
+    def pg_parameters(
+        self, snapshot: Sequence[bool]
+    ) -> tuple[dict[str, bytes], list[int], bool, bool]: ...
+    def sqlite_rows(
+        self, snapshot: Sequence[bool]
+    ) -> tuple[
+        list[
+            tuple[
+                str,
+                int,
+                tuple[Any, ...],
+                list[tuple[Any, ...]],
+                list[tuple[str, int, bytes]],
+            ]
+        ],
+        list[int],
+    ]: ...
 
 @final
 class Core:

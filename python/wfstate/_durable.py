@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final, Required, TypedDict
 
 from wfstate import _core
-from wfstate._core import VersionRecord
+from wfstate._core import RecordBatch, VersionRecord
 from wfstate.errors import (
     ClosedError,
     ConflictError,
@@ -102,6 +102,50 @@ class SnapshotTracker:
             tracked = self._tracked.get(execution_id)
             if tracked is not None:
                 tracked[1] += delta_bytes
+
+    def decide_chain(
+        self,
+        execution_id: str,
+        base_version: int,
+        last_version: int,
+        last_status: str,
+        delta_bytes: int,
+        first_delta_bytes: int,
+    ) -> bool:
+        """Whether a write-behind chain (an execution's versions in one batch) ends
+        with a snapshot: the rules of ``decide``, applied once at the chain's last
+        version (so replay stays bounded by the rule plus one batch)."""
+        policy = self._policy
+        with self._lock:
+            tracked = self._tracked.get(execution_id)
+            if base_version == 0:
+                # The creation's delta is the baseline (see ``decide``).
+                tracked = [1, delta_bytes - first_delta_bytes, first_delta_bytes]
+                self._tracked[execution_id] = tracked
+            elif tracked is None:
+                tracked = [base_version, delta_bytes, max(delta_bytes, 1)]
+                self._tracked[execution_id] = tracked
+            else:
+                tracked[1] += delta_bytes
+            wanted = (
+                (policy.at_final_status and last_status in _FINAL_STATUSES)
+                or (
+                    policy.every_versions is not None
+                    and last_version - tracked[0] >= policy.every_versions
+                )
+                or (policy.when_deltas_outweigh and tracked[1] >= tracked[2])
+            )
+            if wanted:
+                tracked[0] = last_version
+                tracked[1] = 0
+            return wanted
+
+    def snapshotted(self, execution_id: str, size: int) -> None:
+        """Record the size of the snapshot ``decide_chain`` asked for."""
+        with self._lock:
+            tracked = self._tracked.get(execution_id)
+            if tracked is not None:
+                tracked[2] = size
 
     def decide(self, record: VersionRecord) -> WriteItem:
         """The write item for ``record``, with a snapshot when the policy says so."""
@@ -324,40 +368,52 @@ class Flusher:
             raise
 
     def _loop(self) -> None:
-        pending: list[WriteItem] = []
+        batch: RecordBatch | None = None
+        chains: list[tuple[str, int, int, str, int, int, int]] = []
+        snapshot: list[bool] = []
         backoff = 0.0
         while True:
-            if not pending:
+            if batch is None:
                 if self._stopping and self._caught_up():
                     return
-                records = self._cursor.read_records(self._max_batch, timeout=self._flush_interval)
-                records = self._drop_refused_lineage(records)
-                if not records:
+                read = self._cursor.read_batch(
+                    self._max_batch, timeout=self._flush_interval, skip_before=self._reset_at
+                )
+                self._refused_versions += read.dropped
+                if not len(read):
                     self._mark_committed()
                     continue
-                pending = [self._tracker.decide(record) for record in records]
+                batch = read
+                chains = batch.chains()
+                # Decided once per batch: a retry after a store failure sends the same.
+                snapshot = [self._tracker.decide_chain(*chain[:6]) for chain in chains]
             try:
-                outcomes = self._store.write(pending)
+                refusals, sizes = self._store.write_batch(batch, snapshot)
             except StoreUnavailableError as error:
                 if self._stopping:
                     return  # close() gave up waiting: what is pending dies with the process
                 backoff = self._failed(error, backoff)
                 continue
             backoff = 0.0
-            refused = [
-                (item, outcome)
-                for item, outcome in zip(pending, outcomes, strict=True)
-                if outcome is not None
-            ]
+            for chain, size in zip(chains, sizes, strict=True):
+                if size:
+                    self._tracker.snapshotted(chain[0], size)
             self._batches += 1
-            self._versions += len(pending) - len(refused)
-            full = len(pending) >= self._max_batch
-            pending = []
+            self._versions += sum(chain[6] for chain in chains if chain[0] not in refusals)
+            full = len(batch) >= self._max_batch
+            batch = None
             with self._cond:
                 self._last_error = None
                 self._failing_since = None
-            if refused:
-                self._reconcile(refused)
+            if refusals:
+                self._reconcile(
+                    [
+                        (chain[0], chain[1] + 1, chain[2])
+                        for chain in chains
+                        if chain[0] in refusals
+                    ],
+                    refusals,
+                )
             self._mark_committed()
             if not full and not self._stopping:
                 # Let a batch build up, unless someone waits for durability.
@@ -377,28 +433,15 @@ class Flusher:
         self._hurry.clear()
         return backoff
 
-    def _drop_refused_lineage(self, records: list[VersionRecord]) -> list[VersionRecord]:
-        """Leave out versions computed on a lineage the store refused (before a reset)."""
-        if not self._reset_at:
-            return records
-        kept = []
-        for record in records:
-            reset_seq = self._reset_at.get(record.execution_id)
-            if reset_seq is not None and record.last_seq < reset_seq:
-                self._refused_versions += 1
-                continue
-            kept.append(record)
-        return kept
-
-    def _reconcile(self, refused: list[tuple[WriteItem, WfstateError]]) -> None:
-        """The store refused these versions (another writer changed the execution, or it
-        cannot hold the data): reset memory to what the store holds, so that later
-        writes build on the stored version, and report the loss at the next flush()."""
-        by_execution: dict[str, list[tuple[WriteItem, WfstateError]]] = {}
-        for item, outcome in refused:
-            by_execution.setdefault(item.record.execution_id, []).append((item, outcome))
+    def _reconcile(
+        self, refused: list[tuple[str, int, int]], refusals: dict[str, WfstateError]
+    ) -> None:
+        """The store refused these chains, as (execution, first version, last version):
+        another writer changed the execution, or it cannot hold the data. Reset memory
+        to what the store holds, so that later writes build on the stored version, and
+        report the loss at the next flush()."""
         backoff = 0.0
-        for execution_id, chain in by_execution.items():
+        for execution_id, first, last in refused:
             while True:
                 try:
                     loaded = self._store.load(execution_id)
@@ -407,14 +450,13 @@ class Flusher:
                     if self._stopping:
                         return
                     backoff = self._failed(error, backoff)
-            first, last = chain[0][0].record.version, chain[-1][0].record.version
-            self._refused_versions += len(chain)
+            self._refused_versions += last - first + 1
             if loaded is not None:
                 stored = _core.rebuild(execution_id, loaded.snapshot, loaded.deltas)
                 with contextlib.suppress(NotFoundError):
                     self._reset_at[execution_id] = self._core.replace(stored)
                 self._tracker.seed(loaded)
-            refusal = chain[0][1]
+            refusal = refusals[execution_id]
             message = (
                 f"the store refused write-behind versions {first}..{last} of execution "
                 f"{execution_id!r} ({refusal}); they are lost, and the execution was reset "

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from wfstate._core import VersionRecord
+from wfstate._core import RecordBatch, VersionRecord
 from wfstate._lease import LeaseGrant
 from wfstate.errors import ConflictError, WfstateError
 
@@ -41,6 +41,7 @@ __all__ = [
     "Store",
     "StoredDelta",
     "WriteItem",
+    "items_of_batch",
 ]
 
 #: Statuses of executions that startup recovery reloads.
@@ -130,6 +131,40 @@ def conflict_with(
 StoredDelta = tuple[int, int, bytes]
 
 
+def items_of_batch(
+    batch: RecordBatch, snapshot: Sequence[bool]
+) -> tuple[list[WriteItem], list[int]]:
+    """A batch as per-version write items (a snapshot on each flagged chain's last
+    version), and the snapshot sizes per chain: ``write_batch`` through ``write``."""
+    records = batch.records()
+    last_of: dict[str, int] = {}
+    for position, record in enumerate(records):
+        last_of[record.execution_id] = position
+    wanted = {
+        last_of[chain[0]] for chain, flag in zip(batch.chains(), snapshot, strict=True) if flag
+    }
+    items = [
+        WriteItem(record, record.snapshot() if position in wanted else None)
+        for position, record in enumerate(records)
+    ]
+    sizes = [
+        len(items[last_of[chain[0]]].snapshot or b"") if flag else 0
+        for chain, flag in zip(batch.chains(), snapshot, strict=True)
+    ]
+    return items, sizes
+
+
+def refusals_of(
+    items: Sequence[WriteItem], outcomes: Sequence[WfstateError | None]
+) -> dict[str, WfstateError]:
+    """Per execution, the first refusal among ``write``'s outcomes."""
+    refusals: dict[str, WfstateError] = {}
+    for item, outcome in zip(items, outcomes, strict=True):
+        if outcome is not None:
+            refusals.setdefault(item.record.execution_id, outcome)
+    return refusals
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedExecution:
     """What ``rebuild`` needs for one execution, up to some version.
@@ -176,6 +211,19 @@ class Store(Protocol):
 
         Raises ``StoreUnavailableError`` when the transaction could not commit: then
         nothing of the batch was written.
+        """
+        ...
+
+    def write_batch(
+        self, batch: RecordBatch, snapshot: Sequence[bool]
+    ) -> tuple[dict[str, WfstateError], list[int]]:
+        """Write a write-behind batch (``EventCursor.read_batch``) in one transaction.
+
+        The same contract as ``write`` for the batch's chains (one per execution,
+        ``batch.chains()``), with a snapshot of a chain's last version where
+        ``snapshot`` (one flag per chain) says so. Returns the refused executions
+        (id -> error; the rest is written) and the size of each chain's snapshot (0:
+        none). Raises ``StoreUnavailableError`` when nothing was written.
         """
         ...
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from wfstate._core import RecordBatch
 from wfstate._lease import LeaseGrant, LeaseTable
 from wfstate.errors import (
     AlreadyExistsError,
@@ -25,6 +26,8 @@ from wfstate.store.base import (
     LoadedExecution,
     WriteItem,
     conflict_with,
+    items_of_batch,
+    refusals_of,
 )
 
 __all__ = ["MemoryStore"]
@@ -99,6 +102,12 @@ class MemoryStore:
             return []
         start = bisect.bisect_right([d[0] for d in row.deltas], base_version)
         return row.deltas[start:]
+
+    def write_batch(
+        self, batch: RecordBatch, snapshot: Sequence[bool]
+    ) -> tuple[dict[str, WfstateError], list[int]]:
+        items, sizes = items_of_batch(batch, snapshot)
+        return refusals_of(items, self.write(items)), sizes
 
     def _apply(self, item: WriteItem) -> None:
         record = item.record

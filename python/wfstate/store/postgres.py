@@ -36,7 +36,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.numeric import Int8
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from wfstate._core import VersionRecord
+from wfstate._core import RecordBatch, VersionRecord
 from wfstate._lease import from_micros
 from wfstate.errors import (
     AlreadyExistsError,
@@ -319,6 +319,56 @@ class _ByteaArrayDumper(_ArrayDumper):
         return b"".join(parts)
 
 
+class _EncodedTextArray(bytes):
+    """A ``text[]`` parameter already in PostgreSQL's binary format (from Rust)."""
+
+
+class _EncodedBigintArray(bytes):
+    """A ``bigint[]`` parameter already in PostgreSQL's binary format (from Rust)."""
+
+
+class _EncodedByteaArray(bytes):
+    """A ``bytea[]`` parameter already in PostgreSQL's binary format (from Rust)."""
+
+
+class _EncodedDumper(Dumper):
+    format = pq.Format.BINARY
+
+    def dump(self, obj: bytes) -> Buffer | None:
+        return obj
+
+
+class _EncodedTextDumper(_EncodedDumper):
+    oid = postgres.types["text"].array_oid
+
+
+class _EncodedBigintDumper(_EncodedDumper):
+    oid = postgres.types["int8"].array_oid
+
+
+class _EncodedByteaDumper(_EncodedDumper):
+    oid = postgres.types["bytea"].array_oid
+
+
+#: The batch statement's text and bytea arrays (the others are bigint).
+_TEXT_ARRAYS = frozenset(
+    {
+        "u_id", "u_status", "u_lease_owner", "c_id", "c_workflow", "c_status",
+        "c_forked_id", "d_id", "d_actor", "d_nodes", "d_lease_owner", "s_id",
+    }
+)  # fmt: skip
+_BYTEA_ARRAYS = frozenset({"d_data", "s_data"})
+
+
+def _encoded(name: str, value: bytes) -> bytes:
+    """A Rust-encoded array parameter, typed for its dumper."""
+    if name in _TEXT_ARRAYS:
+        return _EncodedTextArray(value)
+    if name in _BYTEA_ARRAYS:
+        return _EncodedByteaArray(value)
+    return _EncodedBigintArray(value)
+
+
 def _configure(conn: _Connection) -> None:
     """Set up a pooled connection's adapters.
 
@@ -329,6 +379,9 @@ def _configure(conn: _Connection) -> None:
     conn.adapters.register_dumper(_BigintArray, _BigintArrayDumper)
     conn.adapters.register_dumper(_TextArray, _TextArrayDumper)
     conn.adapters.register_dumper(_ByteaArray, _ByteaArrayDumper)
+    conn.adapters.register_dumper(_EncodedTextArray, _EncodedTextDumper)
+    conn.adapters.register_dumper(_EncodedBigintArray, _EncodedBigintDumper)
+    conn.adapters.register_dumper(_EncodedByteaArray, _EncodedByteaDumper)
 
 
 def _bigint(value: int | None) -> Int8 | None:
@@ -573,17 +626,22 @@ class _Batch:
             self.parameters.update(s_id=s_id, s_version=s_version, s_data=s_data)
 
 
+#: What the refusal check needs of a chain's first item: its base version and lease.
+_ChainHead = tuple[int, tuple[str, int] | None]
+
+
 def _refusal(
-    execution_id: str, item: WriteItem, found: tuple[int, str | None, int] | None
+    execution_id: str, head: _ChainHead, found: tuple[int, str | None, int] | None
 ) -> WfstateError:
     """Why the store refused an update chain whose row it found as ``found``
     (version, lease owner, lease token): a lost lease first, else the version."""
-    if item.lease is not None:
-        owner, token = item.lease
+    base, lease = head
+    if lease is not None:
+        owner, token = lease
         if found is None or found[1] != owner or found[2] != token:
             current = None if found is None or found[1] is None else found[2]
             return LeaseLostError(execution_id, token, current)
-    return ConflictError(execution_id, item.record.base_version, 0 if found is None else found[0])
+    return ConflictError(execution_id, base, 0 if found is None else found[0])
 
 
 def _storable_record(record: VersionRecord) -> bool:
@@ -856,7 +914,15 @@ class PostgresStore:
                         (row[1], row[4], row[5], row[6]) for row in rows if row[6] is not None
                     )
                     rows = [row[:4] for row in rows if row[6] is None]
-                refusals.update(self._refusals(conn, items, batch, rows))
+                heads: dict[str, _ChainHead] = {
+                    execution_id: (
+                        items[positions[0]].record.base_version,
+                        items[positions[0]].lease,
+                    )
+                    for execution_id, positions in batch.chains.items()
+                    if execution_id not in batch.refused
+                }
+                refusals.update(self._refusals(conn, heads, rows))
             if newer:
                 for execution_id, refusal in refusals.items():
                     if type(refusal) is ConflictError:
@@ -1126,11 +1192,10 @@ class PostgresStore:
     def _refusals(
         self,
         conn: _Connection,
-        items: Sequence[WriteItem],
-        batch: _Batch,
-        rows: list[TupleRow],
+        heads: dict[str, _ChainHead],
+        rows: Sequence[tuple[Any, ...]],
     ) -> dict[str, WfstateError]:
-        """The error of each chain the statement refused."""
+        """The error of each chain (by its head) the statement refused."""
         written: set[str] = set()
         stored: dict[str, tuple[int, str | None, int]] = {}
         for execution_id, version, lease_owner, lease_token in rows:
@@ -1140,18 +1205,17 @@ class PostgresStore:
                 stored[execution_id] = (version, lease_owner, lease_token)
         refusals: dict[str, WfstateError] = {}
         raced: list[str] = []
-        for execution_id, positions in batch.chains.items():
-            if execution_id in written or execution_id in batch.refused:
+        for execution_id, head in heads.items():
+            if execution_id in written:
                 continue
-            first = items[positions[0]]
-            base = first.record.base_version
+            base = head[0]
             if base == 0:
                 refusals[execution_id] = AlreadyExistsError(
                     f"execution {execution_id!r} exists already"
                 )
                 continue
             found = stored.get(execution_id)
-            refusal = _refusal(execution_id, first, found)
+            refusal = _refusal(execution_id, head, found)
             if isinstance(refusal, ConflictError) and found is not None and found[0] == base:
                 raced.append(execution_id)
             refusals[execution_id] = refusal
@@ -1172,13 +1236,30 @@ class PostgresStore:
                     ),
                     (_TextArray(raced),),
                 ):
-                    first = items[batch.chains[execution_id][0]]
                     refusals[execution_id] = _refusal(
-                        execution_id, first, (version, lease_owner, lease_token)
+                        execution_id, heads[execution_id], (version, lease_owner, lease_token)
                     )
             except psycopg.Error:
                 pass
         return refusals
+
+    def write_batch(
+        self, batch: RecordBatch, snapshot: Sequence[bool]
+    ) -> tuple[dict[str, WfstateError], list[int]]:
+        # Every parameter comes encoded from Rust, as the binary arrays the statement
+        # unnests (one call for the whole batch, without the GIL).
+        encoded, sizes, has_updates, has_creations = batch.pg_parameters(snapshot)
+        if not (has_updates or has_creations):
+            self._check_usable()
+            return {}, sizes
+        parameters = {name: _encoded(name, value) for name, value in encoded.items()}
+        shape = _WriteShape(False, has_updates, has_creations, any(sizes))
+        heads: dict[str, _ChainHead] = {chain[0]: (chain[1], None) for chain in batch.chains()}
+        with self._writer_connection() as conn:
+            statement = self._statement(shape, conn, lambda: self._write_statement(shape))
+            rows = conn.execute(statement, parameters).fetchall()
+            refusals = self._refusals(conn, heads, rows)
+        return refusals, sizes
 
     def load(self, execution_id: str, *, version: int | None = None) -> LoadedExecution | None:
         if not _findable(execution_id):

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 
+from wfstate._core import RecordBatch
 from wfstate._lease import from_micros
 from wfstate.errors import (
     AlreadyExistsError,
@@ -656,6 +657,25 @@ class SQLiteStore:
                     for position in chain.positions:
                         outcomes[position] = refusal
         return outcomes
+
+    def write_batch(
+        self, batch: RecordBatch, snapshot: Sequence[bool]
+    ) -> tuple[dict[str, WfstateError], list[int]]:
+        # The rows come encoded from Rust (one call for the whole batch).
+        rows, sizes = batch.sqlite_rows(snapshot)
+        chains = [
+            _Chain(execution_id, [], base, row, deltas, snapshots, None)
+            for execution_id, base, row, deltas, snapshots in rows
+        ]
+        if not chains:
+            self._check_usable()
+            return {}, sizes
+        with self._write_lock:
+            self._check_usable()
+            refusals = self._retrying(
+                self._writer, lambda writer: _write_chains(writer, chains), doing="writing"
+            )
+        return refusals, sizes
 
     def load(self, execution_id: str, *, version: int | None = None) -> LoadedExecution | None:
         def operation(reader: sqlite3.Connection) -> LoadedExecution | None:

@@ -1,0 +1,538 @@
+//! Write-behind batches: the versions a durable cursor read, encoded for a store in
+//! one call.
+//!
+//! The async flusher used to turn every version into Python objects and build the
+//! store's parameters in Python, about 15 µs of GIL time per version. A
+//! `RecordBatch` keeps the versions in Rust, groups them into per-execution chains,
+//! and encodes what a store needs for the whole batch at once, without the GIL:
+//! PostgreSQL's binary arrays (the parameters of the store's `unnest` statement) or
+//! SQLite's rows. Python decides the snapshots (one decision per chain) and sends.
+//!
+//! Must never reorder an execution's versions, and must encode exactly what the
+//! per-version path (`VersionRecord` + the stores' Python) encodes: the tests compare
+//! the two.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::codec;
+use crate::model::EventKind;
+use crate::py::PyVersionRecord;
+
+/// The bit of each event type in a delta's `event_mask` (stable: stored on disk;
+/// the same order as `wfstate.store.base.EVENT_TYPE_BITS`).
+pub fn event_bit(kind: EventKind) -> u32 {
+    let position = match kind {
+        EventKind::ExecutionCreated => 0,
+        EventKind::StatusChange => 1,
+        EventKind::NodePending => 2,
+        EventKind::NodeStart => 3,
+        EventKind::NodeComplete => 4,
+        EventKind::NodeFailed => 5,
+        EventKind::NodeSkipped => 6,
+        EventKind::NodeMetrics => 7,
+        EventKind::Error => 8,
+        EventKind::CurrentNodeChanged => 9,
+        EventKind::VariablesChanged => 10,
+        EventKind::ContextChanged => 11,
+        EventKind::ExecutionForked => 12,
+    };
+    1 << position
+}
+
+pub fn event_mask(kinds: &[EventKind]) -> u32 {
+    kinds.iter().fold(0, |mask, kind| mask | event_bit(*kind))
+}
+
+const TEXT_OID: i32 = 25;
+const INT8_OID: i32 = 20;
+const BYTEA_OID: i32 = 17;
+
+/// A one-dimensional array in PostgreSQL's binary format (what `array_recv` reads).
+pub struct PgArray {
+    oid: i32,
+    count: i32,
+    has_null: bool,
+    elements: Vec<u8>,
+}
+
+impl PgArray {
+    pub fn new(oid: i32) -> Self {
+        PgArray {
+            oid,
+            count: 0,
+            has_null: false,
+            elements: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, value: Option<&[u8]>) {
+        self.count += 1;
+        match value {
+            None => {
+                self.has_null = true;
+                self.elements.extend_from_slice(&(-1i32).to_be_bytes());
+            }
+            Some(bytes) => {
+                let length = i32::try_from(bytes.len()).expect("an element over 2 GB");
+                self.elements.extend_from_slice(&length.to_be_bytes());
+                self.elements.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    pub fn push_int(&mut self, value: Option<i64>) {
+        match value {
+            None => self.push(None),
+            Some(value) => self.push(Some(&value.to_be_bytes())),
+        }
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20 + self.elements.len());
+        if self.count == 0 {
+            out.extend_from_slice(&0i32.to_be_bytes());
+            out.extend_from_slice(&0i32.to_be_bytes());
+            out.extend_from_slice(&self.oid.to_be_bytes());
+            return out;
+        }
+        out.extend_from_slice(&1i32.to_be_bytes());
+        out.extend_from_slice(&i32::from(self.has_null).to_be_bytes());
+        out.extend_from_slice(&self.oid.to_be_bytes());
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(&1i32.to_be_bytes());
+        out.extend_from_slice(&self.elements);
+        out
+    }
+}
+
+/// A node-id list as a PostgreSQL array literal (every element double-quoted, with
+/// backslash and double quote escaped), as the store's `_text_array_literal`.
+pub fn text_array_literal(values: &[Arc<str>]) -> String {
+    if values.is_empty() {
+        return "{}".to_string();
+    }
+    let mut out = String::from("{");
+    for (position, value) in values.iter().enumerate() {
+        if position > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in value.chars() {
+            if c == '\\' || c == '"' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+fn int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// One execution's versions in a batch, in version order.
+struct Chain {
+    execution_id: Arc<str>,
+    records: Vec<usize>,
+}
+
+/// The versions a durable cursor read in one `read_batch`, grouped by execution.
+#[pyclass(frozen, module = "wfstate._core", name = "RecordBatch")]
+pub struct PyRecordBatch {
+    records: Vec<PyVersionRecord>,
+    chains: Vec<Chain>,
+    dropped: usize,
+}
+
+impl PyRecordBatch {
+    pub fn new(records: Vec<PyVersionRecord>, dropped: usize) -> Self {
+        let mut chains: Vec<Chain> = Vec::new();
+        let mut by_execution: HashMap<Arc<str>, usize> = HashMap::new();
+        for (position, record) in records.iter().enumerate() {
+            let id = &record.state.execution_id;
+            match by_execution.get(id) {
+                Some(&chain) => chains[chain].records.push(position),
+                None => {
+                    by_execution.insert(id.clone(), chains.len());
+                    chains.push(Chain {
+                        execution_id: id.clone(),
+                        records: vec![position],
+                    });
+                }
+            }
+        }
+        PyRecordBatch {
+            records,
+            chains,
+            dropped,
+        }
+    }
+
+    fn first(&self, chain: &Chain) -> &PyVersionRecord {
+        &self.records[chain.records[0]]
+    }
+
+    fn last(&self, chain: &Chain) -> &PyVersionRecord {
+        &self.records[*chain.records.last().expect("a chain is never empty")]
+    }
+
+    /// Chain indices in execution-id order: concurrent batches then lock and insert
+    /// rows in one order and cannot deadlock.
+    fn sorted_chains(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.chains.len()).collect();
+        order.sort_by(|a, b| {
+            self.chains[*a]
+                .execution_id
+                .cmp(&self.chains[*b].execution_id)
+        });
+        order
+    }
+
+    fn check_flags(&self, snapshot: &[bool]) -> PyResult<()> {
+        if snapshot.len() == self.chains.len() {
+            Ok(())
+        } else {
+            Err(crate::errors::CoreError::Validation(format!(
+                "one snapshot flag per chain: {} chains, {} flags",
+                self.chains.len(),
+                snapshot.len()
+            ))
+            .into())
+        }
+    }
+
+    /// The snapshots wanted, encoded (without the GIL): per chain, None or the bytes
+    /// of its last state.
+    fn snapshots(&self, py: Python<'_>, snapshot: &[bool]) -> Vec<Option<Vec<u8>>> {
+        py.detach(|| {
+            self.chains
+                .iter()
+                .zip(snapshot)
+                .map(|(chain, wanted)| {
+                    wanted.then(|| codec::encode_snapshot(&self.last(chain).state))
+                })
+                .collect()
+        })
+    }
+}
+
+#[pymethods]
+impl PyRecordBatch {
+    fn __len__(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Versions left out because they belong to a lineage the store refused.
+    #[getter]
+    fn dropped(&self) -> usize {
+        self.dropped
+    }
+
+    /// The versions, as `VersionRecord`s (the per-version path).
+    fn records(&self) -> Vec<PyVersionRecord> {
+        self.records.clone()
+    }
+
+    /// Per execution, in first-appearance order: `(execution_id, first base version,
+    /// last version, last status, total delta bytes, the first version's delta
+    /// bytes, versions)`.
+    #[allow(clippy::type_complexity)]
+    fn chains(&self) -> Vec<(String, u64, u64, &'static str, usize, usize, usize)> {
+        self.chains
+            .iter()
+            .map(|chain| {
+                let first = self.first(chain);
+                let last = self.last(chain);
+                let bytes = chain
+                    .records
+                    .iter()
+                    .map(|r| self.records[*r].delta.len())
+                    .sum();
+                (
+                    chain.execution_id.to_string(),
+                    first.base_version,
+                    last.state.version,
+                    last.state.status.as_str(),
+                    bytes,
+                    first.delta.len(),
+                    chain.records.len(),
+                )
+            })
+            .collect()
+    }
+
+    /// The parameters of the PostgreSQL store's batch statement, as binary arrays:
+    /// `(parameters, snapshot sizes per chain (0: none), has updates, has creations)`.
+    /// `snapshot` holds one flag per chain (in `chains()` order).
+    #[allow(clippy::type_complexity)]
+    fn pg_parameters<'py>(
+        &self,
+        py: Python<'py>,
+        snapshot: Vec<bool>,
+    ) -> PyResult<(Bound<'py, PyDict>, Vec<usize>, bool, bool)> {
+        self.check_flags(&snapshot)?;
+        let snapshots = self.snapshots(py, &snapshot);
+        let arrays = py.detach(|| self.encode_pg(&snapshots));
+        let parameters = PyDict::new(py);
+        let has_updates = arrays
+            .iter()
+            .any(|(name, count, _)| *name == "u_id" && *count > 0);
+        let has_creations = arrays
+            .iter()
+            .any(|(name, count, _)| *name == "c_id" && *count > 0);
+        for (name, _, bytes) in arrays {
+            parameters.set_item(name, PyBytes::new(py, &bytes))?;
+        }
+        let sizes = snapshots
+            .iter()
+            .map(|s| s.as_ref().map_or(0, Vec::len))
+            .collect();
+        Ok((parameters, sizes, has_updates, has_creations))
+    }
+
+    /// The SQLite store's rows, per chain in `chains()` order: `(execution_id, base
+    /// version, executions row (INSERT parameters for a creation, else UPDATE ones),
+    /// delta rows, snapshot rows)`, and the snapshot sizes.
+    #[allow(clippy::type_complexity)]
+    fn sqlite_rows<'py>(
+        &self,
+        py: Python<'py>,
+        snapshot: Vec<bool>,
+    ) -> PyResult<(Vec<Bound<'py, PyAny>>, Vec<usize>)> {
+        self.check_flags(&snapshot)?;
+        let snapshots = self.snapshots(py, &snapshot);
+        let mut chains = Vec::with_capacity(self.chains.len());
+        for (chain, snapshot) in self.chains.iter().zip(&snapshots) {
+            let first = self.first(chain);
+            let last = self.last(chain);
+            let id = &*chain.execution_id;
+            let snapshot_version = if snapshot.is_some() {
+                last.state.version
+            } else {
+                0
+            };
+            let row: Bound<'py, PyAny> = if first.base_version == 0 {
+                let (forked_id, forked_version) = match &first.state.forked_from {
+                    Some((fid, fv)) => (Some(fid.to_string()), Some(*fv)),
+                    None => (None, None),
+                };
+                (
+                    id,
+                    &*first.state.workflow_id,
+                    last.state.status.as_str(),
+                    last.state.version,
+                    first.state.created_at,
+                    last.state.updated_at,
+                    snapshot_version,
+                    forked_id,
+                    forked_version,
+                )
+                    .into_pyobject(py)?
+                    .into_any()
+            } else {
+                (
+                    last.state.version,
+                    last.state.status.as_str(),
+                    last.state.updated_at,
+                    snapshot_version,
+                    id,
+                    first.base_version,
+                )
+                    .into_pyobject(py)?
+                    .into_any()
+            };
+            let mut deltas = Vec::with_capacity(chain.records.len());
+            for position in &chain.records {
+                let record = &self.records[*position];
+                let node_ids: Vec<&str> = record.node_ids.iter().map(|n| &**n).collect();
+                let node_ids = serde_json::to_string(&node_ids).expect("strings serialize");
+                deltas.push(
+                    (
+                        id,
+                        record.state.version,
+                        record.state.updated_at,
+                        record.actor.as_deref(),
+                        event_mask(&record.event_types),
+                        node_ids,
+                        PyBytes::new(py, &record.delta),
+                        Option::<&str>::None,
+                        Option::<i64>::None,
+                    )
+                        .into_pyobject(py)?
+                        .into_any(),
+                );
+            }
+            let snapshots: Vec<Bound<'py, PyAny>> = match snapshot {
+                Some(bytes) => vec![(id, last.state.version, PyBytes::new(py, bytes))
+                    .into_pyobject(py)?
+                    .into_any()],
+                None => Vec::new(),
+            };
+            chains.push(
+                (id, first.base_version, row, deltas, snapshots)
+                    .into_pyobject(py)?
+                    .into_any(),
+            );
+        }
+        let sizes = snapshots
+            .iter()
+            .map(|s| s.as_ref().map_or(0, Vec::len))
+            .collect();
+        Ok((chains, sizes))
+    }
+}
+
+impl PyRecordBatch {
+    /// Every array of the PostgreSQL batch statement: (name, element count, bytes).
+    fn encode_pg(&self, snapshots: &[Option<Vec<u8>>]) -> Vec<(&'static str, usize, Vec<u8>)> {
+        let text = || PgArray::new(TEXT_OID);
+        let int8 = || PgArray::new(INT8_OID);
+        let (mut u_id, mut u_status, mut u_lease_owner) = (text(), text(), text());
+        let (mut u_base, mut u_version, mut u_updated, mut u_snapshot, mut u_lease_token) =
+            (int8(), int8(), int8(), int8(), int8());
+        let (mut c_id, mut c_workflow, mut c_status, mut c_forked_id) =
+            (text(), text(), text(), text());
+        let (mut c_version, mut c_created, mut c_updated, mut c_snapshot, mut c_forked_version) =
+            (int8(), int8(), int8(), int8(), int8());
+        let (mut d_id, mut d_actor, mut d_nodes, mut d_lease_owner) =
+            (text(), text(), text(), text());
+        let (mut d_version, mut d_recorded, mut d_mask, mut d_lease_token) =
+            (int8(), int8(), int8(), int8());
+        let mut d_data = PgArray::new(BYTEA_OID);
+        let (mut s_id, mut s_version, mut s_data) = (text(), int8(), PgArray::new(BYTEA_OID));
+        let (mut updates, mut creations) = (0, 0);
+        for index in self.sorted_chains() {
+            let chain = &self.chains[index];
+            let id = chain.execution_id.as_bytes();
+            for position in &chain.records {
+                let record = &self.records[*position];
+                d_id.push(Some(id));
+                d_version.push_int(Some(int(record.state.version)));
+                d_recorded.push_int(Some(record.state.updated_at));
+                d_actor.push(record.actor.as_deref().map(str::as_bytes));
+                d_mask.push_int(Some(i64::from(event_mask(&record.event_types))));
+                d_nodes.push(Some(text_array_literal(&record.node_ids).as_bytes()));
+                d_data.push(Some(&record.delta));
+                d_lease_owner.push(None);
+                d_lease_token.push(None);
+            }
+            let first = self.first(chain);
+            let last = self.last(chain);
+            let snapshot_version = snapshots[index].as_ref().map(|bytes| {
+                s_id.push(Some(id));
+                s_version.push_int(Some(int(last.state.version)));
+                s_data.push(Some(bytes));
+                int(last.state.version)
+            });
+            if first.base_version == 0 {
+                creations += 1;
+                c_id.push(Some(id));
+                c_workflow.push(Some(first.state.workflow_id.as_bytes()));
+                c_status.push(Some(last.state.status.as_str().as_bytes()));
+                c_version.push_int(Some(int(last.state.version)));
+                c_created.push_int(Some(first.state.created_at));
+                c_updated.push_int(Some(last.state.updated_at));
+                c_snapshot.push_int(Some(snapshot_version.unwrap_or(0)));
+                match &first.state.forked_from {
+                    Some((fid, fv)) => {
+                        c_forked_id.push(Some(fid.as_bytes()));
+                        c_forked_version.push_int(Some(int(*fv)));
+                    }
+                    None => {
+                        c_forked_id.push(None);
+                        c_forked_version.push(None);
+                    }
+                }
+            } else {
+                updates += 1;
+                u_id.push(Some(id));
+                u_base.push_int(Some(int(first.base_version)));
+                u_version.push_int(Some(int(last.state.version)));
+                u_status.push(Some(last.state.status.as_str().as_bytes()));
+                u_updated.push_int(Some(last.state.updated_at));
+                u_snapshot.push_int(snapshot_version);
+                u_lease_owner.push(None);
+                u_lease_token.push(None);
+            }
+        }
+        let deltas = self.records.len();
+        let snapshot_count = snapshots.iter().filter(|s| s.is_some()).count();
+        vec![
+            ("u_id", updates, u_id.finish()),
+            ("u_base", updates, u_base.finish()),
+            ("u_version", updates, u_version.finish()),
+            ("u_status", updates, u_status.finish()),
+            ("u_updated", updates, u_updated.finish()),
+            ("u_snapshot", updates, u_snapshot.finish()),
+            ("u_lease_owner", updates, u_lease_owner.finish()),
+            ("u_lease_token", updates, u_lease_token.finish()),
+            ("c_id", creations, c_id.finish()),
+            ("c_workflow", creations, c_workflow.finish()),
+            ("c_status", creations, c_status.finish()),
+            ("c_version", creations, c_version.finish()),
+            ("c_created", creations, c_created.finish()),
+            ("c_updated", creations, c_updated.finish()),
+            ("c_snapshot", creations, c_snapshot.finish()),
+            ("c_forked_id", creations, c_forked_id.finish()),
+            ("c_forked_version", creations, c_forked_version.finish()),
+            ("d_id", deltas, d_id.finish()),
+            ("d_version", deltas, d_version.finish()),
+            ("d_recorded", deltas, d_recorded.finish()),
+            ("d_actor", deltas, d_actor.finish()),
+            ("d_mask", deltas, d_mask.finish()),
+            ("d_nodes", deltas, d_nodes.finish()),
+            ("d_data", deltas, d_data.finish()),
+            ("d_lease_owner", deltas, d_lease_owner.finish()),
+            ("d_lease_token", deltas, d_lease_token.finish()),
+            ("s_id", snapshot_count, s_id.finish()),
+            ("s_version", snapshot_count, s_version.finish()),
+            ("s_data", snapshot_count, s_data.finish()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_array_has_no_dimension() {
+        let bytes = PgArray::new(TEXT_OID).finish();
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 25]);
+    }
+
+    #[test]
+    fn array_with_null_is_flagged() {
+        let mut array = PgArray::new(INT8_OID);
+        array.push_int(Some(7));
+        array.push_int(None);
+        let bytes = array.finish();
+        assert_eq!(&bytes[0..4], &1i32.to_be_bytes());
+        assert_eq!(&bytes[4..8], &1i32.to_be_bytes());
+        assert_eq!(&bytes[12..16], &2i32.to_be_bytes());
+        assert_eq!(&bytes[20..24], &8i32.to_be_bytes());
+        assert_eq!(&bytes[24..32], &7i64.to_be_bytes());
+        assert_eq!(&bytes[32..36], &(-1i32).to_be_bytes());
+    }
+
+    #[test]
+    fn literal_escapes_quotes_and_backslashes() {
+        let values: Vec<Arc<str>> = vec!["a".into(), "b\"c\\".into()];
+        assert_eq!(text_array_literal(&values), r#"{"a","b\"c\\"}"#);
+        assert_eq!(text_array_literal(&[]), "{}");
+    }
+
+    #[test]
+    fn every_kind_has_its_own_bit() {
+        let kinds = EventKind::ALL;
+        let mask = event_mask(&kinds);
+        assert_eq!(mask.count_ones() as usize, kinds.len());
+    }
+}
