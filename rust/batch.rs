@@ -297,6 +297,19 @@ impl PyRecordBatch {
         Ok((parameters, sizes, has_updates, has_creations))
     }
 
+    /// The deltas of the chains not named in `exclude`, as a binary COPY payload (see
+    /// the PostgreSQL store's `write_batch`).
+    #[pyo3(signature = (exclude = None))]
+    fn pg_copy<'py>(
+        &self,
+        py: Python<'py>,
+        exclude: Option<std::collections::HashSet<String>>,
+    ) -> Bound<'py, PyBytes> {
+        let exclude = exclude.unwrap_or_default();
+        let payload = py.detach(|| self.encode_copy(&exclude));
+        PyBytes::new(py, &payload)
+    }
+
     /// The SQLite store's rows, per chain in `chains()` order: `(execution_id, base
     /// version, executions row (INSERT parameters for a creation, else UPDATE ones),
     /// delta rows, snapshot rows)`, and the snapshot sizes.
@@ -389,7 +402,83 @@ impl PyRecordBatch {
     }
 }
 
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// A `COPY ... FROM STDIN (FORMAT BINARY)` payload, row by row.
+pub struct PgCopy {
+    out: Vec<u8>,
+}
+
+impl Default for PgCopy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PgCopy {
+    pub fn new() -> Self {
+        let mut out = Vec::with_capacity(1 << 16);
+        out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        out.extend_from_slice(&0i32.to_be_bytes()); // flags
+        out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        PgCopy { out }
+    }
+
+    pub fn row(&mut self, fields: i16) {
+        self.out.extend_from_slice(&fields.to_be_bytes());
+    }
+
+    pub fn field(&mut self, value: Option<&[u8]>) {
+        match value {
+            None => self.out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(bytes) => {
+                let length = i32::try_from(bytes.len()).expect("a field over 2 GB");
+                self.out.extend_from_slice(&length.to_be_bytes());
+                self.out.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.out.extend_from_slice(&(-1i16).to_be_bytes());
+        self.out
+    }
+}
+
 impl PyRecordBatch {
+    /// The deltas of every chain not in `exclude`, as a binary COPY payload for the
+    /// columns (execution_id, version, recorded_at, actor, event_mask, node_ids, data,
+    /// lease_owner, lease_token).
+    pub fn encode_copy(&self, exclude: &std::collections::HashSet<String>) -> Vec<u8> {
+        let mut copy = PgCopy::new();
+        for index in self.sorted_chains() {
+            let chain = &self.chains[index];
+            if exclude.contains(&*chain.execution_id) {
+                continue;
+            }
+            for position in &chain.records {
+                let record = &self.records[*position];
+                let mut nodes = PgArray::new(TEXT_OID);
+                for node_id in &record.node_ids {
+                    nodes.push(Some(node_id.as_bytes()));
+                }
+                let mask = i32::try_from(event_mask(&record.event_types)).unwrap_or(i32::MAX);
+                copy.row(9);
+                copy.field(Some(chain.execution_id.as_bytes()));
+                copy.field(Some(&int(record.state.version).to_be_bytes()));
+                copy.field(Some(&(record.state.updated_at - PG_EPOCH_US).to_be_bytes()));
+                copy.field(record.actor.as_deref().map(str::as_bytes));
+                copy.field(Some(&mask.to_be_bytes()));
+                copy.field(Some(&nodes.finish()));
+                copy.field(Some(&record.delta));
+                copy.field(None);
+                copy.field(None);
+            }
+        }
+        copy.finish()
+    }
+
     /// Every array of the PostgreSQL batch statement: (name, element count, bytes).
     fn encode_pg(&self, snapshots: &[Option<Vec<u8>>]) -> Vec<(&'static str, usize, Vec<u8>)> {
         let text = || PgArray::new(TEXT_OID);

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from durable_support import STORY, Recorder, comparable_events, loaded, replayed
+from durable_support import STORY, Recorder, comparable_events, loaded, replayed, stored_versions
 from wfstate import (
     AlreadyExistsError,
     ConflictError,
@@ -41,6 +41,7 @@ from wfstate.store.base import (
     WriteItem,
     event_mask,
 )
+from wfstate.store.postgres import COPY_THRESHOLD
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -784,3 +785,42 @@ def test_batch_skips_a_refused_lineage() -> None:
     batch = cursor.read_batch(100, timeout=0, skip_before={"a": next_seq})
     assert batch.dropped == 2
     assert [chain[0] for chain in batch.chains()] == ["b"]
+
+
+def big_batch(executions: int, versions: int) -> tuple[RecordBatch, list[VersionRecord]]:
+    """A batch of ``executions`` chains of ``versions`` versions each (creation first)."""
+    core = _core.Core(ring_capacity=executions * versions * 2 + 10)
+    cursor = core.open_cursor(durable=True)
+    for number in range(executions):
+        core.create(f"big-{number}", "wf", None, None, None)
+    for version in range(versions - 1):
+        for number in range(executions):
+            core.apply(f"big-{number}", {"variables": {"n": version}}, None, f"a{version % 3}")
+    records = core.open_cursor(durable=False, from_oldest=True).read_records(10**6, timeout=0)
+    return cursor.read_batch(10**6, timeout=0), records
+
+
+def test_a_large_batch_writes_every_version(store: Store) -> None:
+    """Past ``COPY_THRESHOLD`` versions PostgreSQL sends the deltas by COPY."""
+    batch, records = big_batch(3, COPY_THRESHOLD // 2)
+    assert len(batch) > COPY_THRESHOLD
+    refusals, _ = store.write_batch(batch, [False, True, False])
+    assert refusals == {}
+    for number in range(3):
+        execution_id = f"big-{number}"
+        mine = [r for r in records if r.execution_id == execution_id]
+        assert [(v, at_us, actor, d) for v, at_us, actor, d in store.read_deltas(execution_id)] == [
+            (r.version, r.updated_at_us, r.actor, r.delta) for r in mine
+        ]
+        assert loaded(store, execution_id) == replayed(store, execution_id) == mine[-1].state
+
+
+def test_a_large_batch_leaves_out_the_refused_chain(store: Store) -> None:
+    recorder = Recorder()
+    written(store, [recorder.create("big-1")])
+    batch, _ = big_batch(2, COPY_THRESHOLD)
+    refusals, _ = store.write_batch(batch, [False, False])
+    assert set(refusals) == {"big-1"}
+    assert isinstance(refusals["big-1"], AlreadyExistsError)
+    assert stored_versions(store, "big-1") == [1]
+    assert stored_versions(store, "big-0") == list(range(1, COPY_THRESHOLD + 1))

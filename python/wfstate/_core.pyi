@@ -194,6 +194,7 @@ class RecordBatch:
     def pg_parameters(
         self, snapshot: Sequence[bool]
     ) -> tuple[dict[str, bytes], list[int], bool, bool]: ...
+    def pg_copy(self, exclude: set[str] | None = None) -> bytes: ...
     def sqlite_rows(
         self, snapshot: Sequence[bool]
     ) -> tuple[

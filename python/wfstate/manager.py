@@ -209,7 +209,7 @@ class StateManager:
         durability: Durability = "sync",
         connect_timeout: float = 5.0,
         flush_interval: float = 0.05,
-        max_batch: int = 1000,
+        max_batch: int = 5000,
         critical: Collection[str] = DEFAULT_CRITICAL,
         snapshot_policy: SnapshotPolicy | None = None,
         ring_capacity: int = 100_000,
