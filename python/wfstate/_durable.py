@@ -62,6 +62,10 @@ class SnapshotPolicy:
     the last one; the deltas since the last one outweigh one snapshot
     (``when_deltas_outweigh``; before the first snapshot the creation's delta
     stands for its size); and at every final status (``at_final_status``).
+
+    The write-behind (async mode) applies the rules once per execution and batch,
+    at the execution's last version in the batch: replay is then bounded by the
+    rule plus the versions of one batch.
     """
 
     every_versions: int | None = 100
