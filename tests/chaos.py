@@ -71,6 +71,8 @@ class ChaosReport:
                 f"conflicts met           {self.conflicts}",
                 f"  resolved (retry/merge) {self.conflicts_resolved}",
                 f"  given up              {self.conflicts_unresolved}",
+                f"  cut short by a store error or a kill "
+                f"{self.conflicts - self.conflicts_resolved - self.conflicts_unresolved}",
                 f"lease takeovers         {self.lease_takeovers}",
                 f"  orphans claimed       {self.claimed_orphans}",
                 f"  writes/renewals fenced {self.leases_lost}",

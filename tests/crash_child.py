@@ -16,6 +16,7 @@ on as if it had been stored.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from typing import Literal
@@ -36,6 +37,11 @@ def say(line: str) -> None:
 
 def main(url: str, durability: Literal["sync", "async"], seed: int) -> None:
     rng = random.Random(seed)
+    threshold = os.environ.get("WFSTATE_TEST_COPY_THRESHOLD")
+    if threshold is not None:
+        import wfstate.store.postgres
+
+        wfstate.store.postgres.COPY_THRESHOLD = int(threshold)
     say("loaded")
     sys.stdin.readline()
     manager = StateManager.open(

@@ -40,6 +40,8 @@ from wfstate.store import Store, open_store
 pytestmark = pytest.mark.slow
 
 CHILD = Path(__file__).resolve().parent / "crash_child.py"
+#: Read by the child: the PostgreSQL store's COPY_THRESHOLD to use.
+COPY_THRESHOLD_ENV = "WFSTATE_TEST_COPY_THRESHOLD"
 
 Durability = Literal["sync", "async"]
 
@@ -222,21 +224,28 @@ def crash_rounds(
 
 
 @pytest.mark.parametrize(
-    ("backend", "durability", "rounds"),
+    ("backend", "durability", "rounds", "by_copy"),
     [
-        ("sqlite", "sync", 40),
-        ("postgresql", "sync", 10),
-        ("sqlite", "async", 20),
-        ("postgresql", "async", 8),
+        ("sqlite", "sync", 40, False),
+        ("postgresql", "sync", 10, False),
+        ("sqlite", "async", 20, False),
+        ("postgresql", "async", 8, False),
+        # Every write-behind batch sends its deltas by COPY (the threshold lowered
+        # in the child: its batches are small).
+        ("postgresql", "async", 6, True),
     ],
 )
 def test_sigkill_loses_nothing_acknowledged(
     request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     backend: str,
     durability: Durability,
     rounds: int,
+    by_copy: bool,
 ) -> None:
+    if by_copy:
+        monkeypatch.setenv(COPY_THRESHOLD_ENV, "1")
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path}/crash.db"
     else:

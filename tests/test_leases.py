@@ -315,7 +315,13 @@ def test_a_lease_read_from_another_manager_needs_a_ttl_to_renew(
         assert (seen.owner, seen.token, seen.ttl) == ("w1", granted.token, 0.0)
         with pytest.raises(ValidationError, match="ttl"):
             second.renew(seen)
+        with pytest.raises(ValidationError, match="ttl"):
+            second.heartbeat(seen)
         assert second.renew(seen, ttl=10).token == granted.token
+        with second.heartbeat(seen, ttl=10, interval=0.02) as beat:
+            time.sleep(0.1)
+        assert beat.renewals >= 1
+        assert beat.lease.ttl == 10
 
 
 def test_release_lets_another_owner_in_at_once(leasing_manager: StateManager) -> None:
@@ -528,13 +534,20 @@ def test_stale_copy_is_brought_up_to_date_for_an_expected_version(
         first.update_state("e1", {"variables": {"x": 3}}, expected_version=2)
 
 
-def test_stale_copy_does_not_refuse_a_transition_the_store_allows(
+def test_stale_copy_refusing_a_transition_is_brought_up_to_date(
     two: tuple[StateManager, StateManager],
 ) -> None:
     first, second = two
-    second.update_state("e1", {"nodes": {"a": "running"}})
-    # In first's copy node a is absent, from which "completed" is not allowed.
-    assert first.update_state("e1", {"nodes": {"a": "completed"}}) == 3
+    second.update_state("e1", {"nodes": {"a": "running"}, "variables": {"x": 41}})
+    # In first's copy node a is absent, from which "completed" is not allowed. The
+    # copy is brought up to date; the update was based on version 1 and both changed
+    # node a and x since, so it is a conflict (nothing written), not a transition error.
+    with pytest.raises(ConflictError) as conflict:
+        first.update_state("e1", {"nodes": {"a": "completed"}, "variables": {"x": 42}})
+    assert conflict.value.fields == {"nodes.a", "variables.x"}
+    assert first.get_state("e1").variables["x"] == 41
+    # Now based on the stored version, the same update applies.
+    assert first.update_state("e1", {"nodes": {"a": "completed"}, "variables": {"x": 42}}) == 3
     with pytest.raises(InvalidTransitionError):
         first.update_state("e1", {"nodes": {"a": "running"}})
 
@@ -565,3 +578,16 @@ def test_transact_from_two_managers_loses_no_increment(
         assert stats["conflicts"] == stats["conflicts_resolved"]
         assert stats["transact_retries"] + stats["merges"] == stats["conflicts"]
     assert sum(sm.stats()["conflicts"] for sm in two) > 0
+
+
+def test_a_heartbeat_stops_quietly_when_the_manager_closes(durable_store_url: str) -> None:
+    sm = StateManager.open(durable_store_url)
+    sm.create_execution("e1", workflow_id="wf")
+    lease = sm.acquire("e1", owner="w1", ttl=30)
+    beat = sm.heartbeat(lease, interval=0.02)
+    sm.close()
+    time.sleep(0.2)
+    assert not beat._thread.is_alive()
+    assert not beat.lost
+    assert beat.error is not None
+    beat.stop()

@@ -18,6 +18,7 @@ import sys
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,7 @@ from wfstate.store.base import (
     LoadedExecution,
     NewerVersionsConflict,
     WriteItem,
+    conflict_with,
     event_mask,
 )
 from wfstate.store.postgres import COPY_THRESHOLD
@@ -795,12 +797,15 @@ def big_batch(executions: int, versions: int) -> tuple[RecordBatch, list[Version
         core.create(f"big-{number}", "wf", None, None, None)
     for version in range(versions - 1):
         for number in range(executions):
-            core.apply(f"big-{number}", {"variables": {"n": version}}, None, f"a{version % 3}")
+            update: dict[str, Any] = {"variables": {"n": version}}
+            if version % 4 == 0:
+                update["nodes"] = {f"n{version}": "running", f'q"\\{version}': "pending"}
+            core.apply(f"big-{number}", update, None, f"a{version % 3}")
     records = core.open_cursor(durable=False, from_oldest=True).read_records(10**6, timeout=0)
     return cursor.read_batch(10**6, timeout=0), records
 
 
-def test_a_large_batch_writes_every_version(store: Store) -> None:
+def test_a_large_batch_writes_every_version(store: Store, store_url: str) -> None:
     """Past ``COPY_THRESHOLD`` versions PostgreSQL sends the deltas by COPY."""
     batch, records = big_batch(3, COPY_THRESHOLD // 2)
     assert len(batch) > COPY_THRESHOLD
@@ -813,6 +818,8 @@ def test_a_large_batch_writes_every_version(store: Store) -> None:
             (r.version, r.updated_at_us, r.actor, r.delta) for r in mine
         ]
         assert loaded(store, execution_id) == replayed(store, execution_id) == mine[-1].state
+    if not store_url.startswith("memory:"):
+        assert stored_columns(store_url) == expected_columns(records)
 
 
 def test_a_large_batch_leaves_out_the_refused_chain(store: Store) -> None:
@@ -824,3 +831,15 @@ def test_a_large_batch_leaves_out_the_refused_chain(store: Store) -> None:
     assert isinstance(refusals["big-1"], AlreadyExistsError)
     assert stored_versions(store, "big-1") == [1]
     assert stored_versions(store, "big-0") == list(range(1, COPY_THRESHOLD + 1))
+
+
+def test_conflict_with_carries_deltas_only_for_a_store_ahead() -> None:
+    delta = (2, 0, None, b"")
+    assert isinstance(conflict_with("e", 1, 2, [delta]), NewerVersionsConflict)
+    # The store behind or level with the writer: nothing to catch up on.
+    no_deltas: list[tuple[int, int, str | None, bytes]] = []
+    for expected, actual in ((2, 2), (3, 2), (2, 1)):
+        outcome = conflict_with("e", expected, actual, no_deltas)
+        assert type(outcome) is ConflictError
+    # Deltas that do not cover expected+1..actual exactly: reload instead.
+    assert type(conflict_with("e", 1, 3, [delta])) is ConflictError

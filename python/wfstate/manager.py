@@ -195,9 +195,9 @@ class StateManager:
         # checks its token and applies (so no grant can slip in between).
         self._leases = LeaseTable()
         self._lease_lock = threading.Lock()
-        # The ttl of the grants this manager made, by (execution, owner, token), so
+        # The latest grant this manager made per execution, (owner, token, ttl), so
         # that get_lease after claim_orphans or recover gives a lease that renews.
-        self._granted: dict[tuple[str, str, int], float] = {}
+        self._granted: dict[str, tuple[str, int, float]] = {}
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._counter_lock = threading.Lock()
 
@@ -573,18 +573,29 @@ class StateManager:
                 # Critical update in async mode: everything before it goes first.
                 self._flusher.flush(timeout=30.0, report=False)
             for _attempt in range(_REBASE_ATTEMPTS):
-                prepared = self._prepare(execution_id, update, expected_version, actor)
+                prepared, merged = self._prepare(execution_id, update, expected_version, actor)
+                conflicts += merged
                 try:
                     self._commit([prepared], lease)
                 except ConflictError as conflict:
                     # Another process wrote first; memory now holds its version.
-                    if expected_version is not None:
+                    if expected_version is not None or conflict.actual <= conflict.expected:
+                        # An explicit expected version, or a store behind this copy
+                        # (nothing newer to merge onto): the caller decides.
                         raise ConflictError(
                             execution_id, conflict.expected, conflict.actual
                         ) from None
                     conflicts += 1
                     self._count("conflicts")
-                    self._check_merge(execution_id, update, conflict)
+                    newer = (
+                        conflict.newer
+                        if isinstance(conflict, NewerVersionsConflict)
+                        and core.get(execution_id).version == conflict.actual
+                        else None
+                    )
+                    self._check_merge(
+                        execution_id, update, conflict.expected, conflict.actual, newer
+                    )
                     self._count("merges")
                     continue
                 if conflicts:
@@ -598,13 +609,15 @@ class StateManager:
         update: StateUpdate | Mapping[str, Any],
         expected_version: int | None,
         actor: str | None,
-    ) -> PreparedUpdate:
+    ) -> tuple[PreparedUpdate, int]:
         """Prepare on this process's copy; when that copy may be stale (an execution
         not in memory yet, or an error that a newer stored version could explain),
-        bring it up to the store's version once and prepare again."""
+        bring it up to the store's version once and prepare again. Returns the
+        prepared update and 1 when it had to be merged onto newer versions (else 0)."""
         core = self._core
+        merged = 0
         try:
-            return core.prepare(execution_id, update, expected_version, actor)
+            return core.prepare(execution_id, update, expected_version, actor), 0
         except NotFoundError:
             if self._load(execution_id) is None:
                 raise
@@ -613,9 +626,17 @@ class StateManager:
             if e.expected <= e.actual or not self._stale(execution_id, e.actual):
                 raise
         except InvalidTransitionError:
-            if not self._stale(execution_id, core.get(execution_id).version):
+            seen = core.get(execution_id).version
+            if not self._stale(execution_id, seen):
                 raise
-        return core.prepare(execution_id, update, expected_version, actor)
+            if expected_version is None:
+                # The update was made against an older version than the store holds:
+                # it may go on top of the newer ones only field by field.
+                self._count("conflicts")
+                self._check_merge(execution_id, update, seen, core.get(execution_id).version)
+                self._count("merges")
+                merged = 1
+        return core.prepare(execution_id, update, expected_version, actor), merged
 
     def _stale(self, execution_id: str, version: int) -> bool:
         """Whether the store holds a newer version than ``version``; if so, load it."""
@@ -630,24 +651,23 @@ class StateManager:
         self,
         execution_id: str,
         update: StateUpdate | Mapping[str, Any],
-        conflict: ConflictError,
+        expected: int,
+        actual: int,
+        newer: list[tuple[int, int, str | None, bytes]] | None = None,
     ) -> None:
         """Raise ``ConflictError`` with the shared fields unless ``update`` changes
-        nothing the versions after ``conflict.expected`` changed."""
+        nothing the stored versions after ``expected`` changed (``newer``: those
+        versions when the caller has them all, else they are read)."""
         assert self._store is not None
-        if isinstance(conflict, NewerVersionsConflict):
-            deltas = conflict.newer
-        else:
-            deltas = self._store.read_deltas(execution_id, after_version=conflict.expected)
+        if newer is None:
+            newer = self._store.read_deltas(execution_id, after_version=expected)
         theirs = fields_of_events(
-            _core.decode_history(execution_id, deltas, None, None, None, None, None, None)
+            _core.decode_history(execution_id, newer, None, None, None, None, None, None)
         )
         ours = fields_of_update(update)
         shared = ours if "*" in theirs else ours & theirs
         if shared:
-            raise ConflictError(
-                execution_id, conflict.expected, conflict.actual, fields=shared
-            ) from None
+            raise ConflictError(execution_id, expected, actual, fields=shared) from None
 
     def transact(
         self,
@@ -737,7 +757,8 @@ class StateManager:
     def _granted_lease(self, grant: LeaseGrant, seconds: float) -> Lease:
         assert grant.owner is not None
         with self._counter_lock:
-            self._granted[(grant.execution_id, grant.owner, grant.token)] = seconds
+            # One entry per execution: a new grant supersedes the earlier ones.
+            self._granted[grant.execution_id] = (grant.owner, grant.token, seconds)
         return Lease._from_grant(grant, seconds)
 
     def _acquire(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
@@ -774,7 +795,11 @@ class StateManager:
         Returns False, changing nothing, when the lease was no longer held."""
         self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
         with self._counter_lock:
-            self._granted.pop((lease.execution_id, lease.owner, lease.token), None)
+            if self._granted.get(lease.execution_id, ("", 0, 0.0))[:2] == (
+                lease.owner,
+                lease.token,
+            ):
+                del self._granted[lease.execution_id]
         if self._store is not None:
             return self._store.release_lease(lease.execution_id, lease.owner, lease.token)
         with self._lease_lock:
@@ -793,7 +818,9 @@ class StateManager:
         if grant is None or grant.owner is None:
             return None
         with self._counter_lock:
-            seconds = self._granted.get((execution_id, grant.owner, grant.token), 0.0)
+            owner, token, seconds = self._granted.get(execution_id, ("", 0, 0.0))
+        if (owner, token) != (grant.owner, grant.token):
+            seconds = 0.0
         return Lease._from_grant(grant, seconds)
 
     def heartbeat(
@@ -802,19 +829,29 @@ class StateManager:
         *,
         interval: float | None = None,
         on_lost: Callable[[LeaseLostError], object] | None = None,
+        ttl: float | None = None,
     ) -> Heartbeat:
         """Renew ``lease`` in a background thread every ``interval`` seconds (default:
-        a third of its ttl) until ``stop()`` or the end of a ``with`` block.
+        a third of the ttl) until ``stop()`` or the end of a ``with`` block, each time
+        for ``ttl`` seconds (default: the lease's own; give it for a lease read by
+        ``get_lease`` from another manager, whose ttl is unknown).
 
         ``Heartbeat.lease`` is the latest renewal; when another owner takes the
         execution, ``Heartbeat.lost`` turns True and ``on_lost`` is called.
         """
         self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        if ttl is None:
+            if lease.ttl <= 0:
+                raise ValidationError("this lease's ttl is unknown (read by get_lease): give ttl")
+            ttl = lease.ttl
+        seconds, _ = _ttl_micros(ttl)
         if interval is None:
-            interval = lease.ttl / 3 if lease.ttl > 0 else 1.0
-        return Heartbeat(
-            self.renew, lease, interval=_positive(interval, "interval"), on_lost=on_lost
-        )
+            interval = seconds / 3
+
+        def renew(current: Lease) -> Lease:
+            return self.renew(current, ttl=seconds)
+
+        return Heartbeat(renew, lease, interval=_positive(interval, "interval"), on_lost=on_lost)
 
     def claim_orphans(
         self, *, owner: str, limit: int = 10, ttl: float = 30.0

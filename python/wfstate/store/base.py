@@ -122,7 +122,9 @@ def conflict_with(
 ) -> ConflictError:
     """A ``NewerVersionsConflict`` when ``newer`` is exactly the versions from
     ``expected + 1`` to ``actual``, else a plain ``ConflictError``."""
-    if expected > 0 and [delta[0] for delta in newer] == list(range(expected + 1, actual + 1)):
+    if 0 < expected < actual and [delta[0] for delta in newer] == list(
+        range(expected + 1, actual + 1)
+    ):
         return NewerVersionsConflict(execution_id, expected, actual, newer)
     return ConflictError(execution_id, expected, actual)
 

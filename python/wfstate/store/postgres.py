@@ -37,7 +37,7 @@ from psycopg.types.numeric import Int8
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from wfstate._core import RecordBatch, VersionRecord
-from wfstate._lease import from_micros
+from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
     AlreadyExistsError,
     ClosedError,
@@ -440,6 +440,10 @@ _FAST_PARAMETERS: tuple[tuple[str, int, int], ...] = (
     ("forked_version", 20, 0),
 )
 _INT8 = struct.Struct("!q")
+
+
+def _connection_lost(pgconn: pq.abc.PGconn) -> str:
+    return pgconn.error_message.decode(errors="replace").strip() or "the connection was lost"
 
 
 def _fast_value(value: Any, binary: int) -> bytes | None:
@@ -957,23 +961,27 @@ class PostgresStore:
             used = [entry for entry in _FAST_PARAMETERS if f"%({entry[0]})s" in text]
             for position, (parameter, _, _) in enumerate(used, start=1):
                 text = text.replace(f"%({parameter})s", f"${position}")
-            prepared = pgconn.prepare(name, text.encode(), [oid for _, oid, _ in used])
+            try:
+                prepared = pgconn.prepare(name, text.encode(), [oid for _, oid, _ in used])
+            except MemoryError as e:  # libpq returned no result: the connection is gone
+                raise psycopg.OperationalError(_connection_lost(pgconn)) from e
             if prepared.status != pq.ExecStatus.COMMAND_OK:
                 raise psycopg.errors.error_from_result(prepared)
             self._fast_prepared[name] = used
         used = self._fast_prepared[name]
         values: Any = [_fast_value(parameters.get(p), binary) for p, _, binary in used]
-        result = pgconn.exec_prepared(
-            name,
-            values,  # None is SQL NULL for libpq (psycopg's stub leaves it out)
-            [binary for _, _, binary in used],
-            1,
-        )
+        try:
+            result = pgconn.exec_prepared(
+                name,
+                values,  # None is SQL NULL for libpq (psycopg's stub leaves it out)
+                [binary for _, _, binary in used],
+                1,
+            )
+        except MemoryError as e:  # libpq returned no result: the connection is gone
+            raise psycopg.OperationalError(_connection_lost(pgconn)) from e
         if result.status != pq.ExecStatus.TUPLES_OK:
             if pgconn.status != pq.ConnStatus.OK:
-                raise psycopg.OperationalError(
-                    pgconn.error_message.decode(errors="replace") or "connection lost"
-                )
+                raise psycopg.OperationalError(_connection_lost(pgconn))
             raise psycopg.errors.error_from_result(result)
         return _fast_rows(result)
 
@@ -1202,8 +1210,16 @@ class PostgresStore:
         conn: _Connection,
         heads: dict[str, _ChainHead],
         rows: Sequence[tuple[Any, ...]],
+        *,
+        committed: bool = True,
     ) -> dict[str, WfstateError]:
-        """The error of each chain (by its head) the statement refused."""
+        """The error of each chain (by its head) the statement refused.
+
+        ``committed``: the statement ran in autocommit, so a failure of the follow-up
+        read must not raise (the batch is stored). Inside a transaction it must: a
+        swallowed error would leave the transaction aborted and turn its COMMIT into a
+        silent ROLLBACK of versions reported as written.
+        """
         written: set[str] = set()
         stored: dict[str, tuple[int, str | None, int]] = {}
         for execution_id, version, lease_owner, lease_token in rows:
@@ -1229,9 +1245,9 @@ class PostgresStore:
             refusals[execution_id] = refusal
         if raced:
             # The row was at the base when the statement began and a concurrent writer
-            # moved it on before our UPDATE could: read the version it moved it to. The
-            # batch is committed, so a failure here must not raise; the conflict then
-            # reports the version as of the statement.
+            # moved it on before our UPDATE could: read the version it moved it to. A
+            # committed batch must not fail here; the conflict then reports the
+            # version as of the statement.
             try:
                 for execution_id, version, lease_owner, lease_token in conn.execute(
                     self._statement(
@@ -1248,7 +1264,8 @@ class PostgresStore:
                         execution_id, heads[execution_id], (version, lease_owner, lease_token)
                     )
             except psycopg.Error:
-                pass
+                if not committed:
+                    raise
         return refusals
 
     def write_batch(
@@ -1280,7 +1297,7 @@ class PostgresStore:
         with self._writer_connection() as conn, conn.transaction():
             statement = self._statement(shape, conn, lambda: self._write_statement(shape))
             rows = conn.execute(statement, parameters).fetchall()
-            refusals = self._refusals(conn, heads, rows)
+            refusals = self._refusals(conn, heads, rows, committed=False)
             if by_copy and len(refusals) < len(heads):
                 payload = batch.pg_copy(set(refusals) if refusals else None)
                 copy_statement = self._statement("copy_deltas", conn, self._copy_statement)
@@ -1512,10 +1529,11 @@ class PostgresStore:
             granted, token, expires_at_us, holder = rows[0]
             if granted:
                 return LeaseGrant(execution_id, owner, token, expires_at_us)
-            if holder is not None:
+            if holder is not None and expires_at_us is not None and expires_at_us > now_us():
                 raise LeaseHeldError(execution_id, holder, from_micros(expires_at_us))
-            # Released between our UPDATE's check and the statement's snapshot: again.
-        raise LeaseHeldError(execution_id, "(another owner)", from_micros(expires_at_us))
+            # The statement's snapshot shows a lease our UPDATE found taken, released or
+            # expired in between (a concurrent grant or release): look again.
+        raise LeaseHeldError(execution_id, holder or "(another owner)", from_micros(now_us()))
 
     def renew_lease(self, execution_id: str, owner: str, token: int, ttl_us: int) -> LeaseGrant:
         rows = self._lease_query(
