@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from wfstate import StateManager
+from wfstate.store import Store, open_store
 
 if TYPE_CHECKING:
     import psycopg
@@ -178,6 +179,16 @@ def store_url(request: pytest.FixtureRequest) -> str:
     """The URL of an empty store, once per backend."""
     backend: Backend = request.param
     return backend_url(request, backend)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """An empty store of each backend (``store_url``), closed after the test."""
+    opened = open_store(store_url)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -44,15 +44,6 @@ SHORT_TTL = 0.02
 EXPIRY_WAIT = 0.05
 
 
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    opened = open_store(store_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 def stored_execution(store: Store, recorder: Recorder, execution_id: str) -> None:
     assert store.write([WriteItem(recorder.create(execution_id))]) == [None]
 

@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +46,6 @@ from wfstate.store.base import (
 from wfstate.store.postgres import COPY_THRESHOLD
 
 TESTS_DIR = Path(__file__).resolve().parent
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    opened = open_store(store_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def items(records: Sequence[VersionRecord], *, snapshot_at: Sequence[int] = ()) -> list[WriteItem]:
