@@ -446,19 +446,6 @@ def _connection_lost(pgconn: pq.abc.PGconn) -> str:
     return pgconn.error_message.decode(errors="replace").strip() or "the connection was lost"
 
 
-def _fast_value(value: Any, binary: int) -> bytes | None:
-    """A parameter of the one-version write in libpq's text (or binary bytea) format."""
-    if value is None:
-        return None
-    if binary:
-        return bytes(value)
-    if isinstance(value, _TextArray):
-        return _text_array_literal(value).encode()
-    if isinstance(value, int):
-        return b"%d" % value
-    return str(value).encode()
-
-
 def _fast_rows(result: pq.abc.PGresult) -> list[tuple[Any, ...]]:
     """The write statement's rows from a binary-format result: (id, version, lease
     owner, lease token, recorded_us, actor, data)."""
@@ -526,32 +513,34 @@ class _Batch:
             self._many(items)
 
     def _one(self, item: WriteItem) -> None:
+        """The one-version write's parameters, already in libpq's formats (text, and
+        bytea as binary) for ``PostgresStore._execute_one``; None is NULL."""
         record = item.record
         creation = record.base_version == 0
         self.shape = _WriteShape(True, not creation, creation, item.snapshot is not None)
-        forked_from = record.forked_from
-        self.parameters = {
-            "id": record.execution_id,
-            "base": Int8(record.base_version),
-            "version": Int8(record.version),
-            "status": record.status,
-            "updated": Int8(record.updated_at_us),
-            "actor": record.actor,
-            "mask": Int8(event_mask(record.event_types)),
-            "nodes": _TextArray(record.node_ids),
+        actor = record.actor
+        lease = item.lease
+        parameters: dict[str, bytes | None] = {
+            "id": record.execution_id.encode(),
+            "base": b"%d" % record.base_version,
+            "version": b"%d" % record.version,
+            "status": record.status.encode(),
+            "updated": b"%d" % record.updated_at_us,
+            "actor": None if actor is None else actor.encode(),
+            "mask": b"%d" % record.event_mask,
+            "nodes": _text_array_literal(record.node_ids).encode(),
             "data": record.delta,
-            "lease_owner": None if item.lease is None else item.lease[0],
-            "lease_token": None if item.lease is None else Int8(item.lease[1]),
+            "lease_owner": None if lease is None else lease[0].encode(),
+            "lease_token": None if lease is None else b"%d" % lease[1],
+            "snapshot": item.snapshot,
         }
-        if item.snapshot is not None:
-            self.parameters["snapshot"] = item.snapshot
         if creation:
-            self.parameters.update(
-                workflow=record.workflow_id,
-                created=Int8(record.created_at_us),
-                forked_id=None if forked_from is None else forked_from[0],
-                forked_version=None if forked_from is None else Int8(forked_from[1]),
-            )
+            forked_from = record.forked_from
+            parameters["workflow"] = record.workflow_id.encode()
+            parameters["created"] = b"%d" % record.created_at_us
+            parameters["forked_id"] = None if forked_from is None else forked_from[0].encode()
+            parameters["forked_version"] = None if forked_from is None else b"%d" % forked_from[1]
+        self.parameters = parameters
 
     def _many(self, items: Sequence[WriteItem]) -> None:
         u_id, u_status = _TextArray(), _TextArray()
@@ -951,7 +940,8 @@ class PostgresStore:
         psycopg's cursor machinery costs about 35 µs of CPU per call on top of libpq's
         (measured; docs/storage.md); a sync update spends it on every write. The
         statement is prepared once per writer connection under a name of our own, its
-        parameters encoded here (text, bytea in binary) and its result read in binary.
+        parameters come encoded by ``_Batch._one`` (text, bytea in binary) and its
+        result is read in binary.
         Errors become the psycopg exceptions the caller already handles.
         """
         pgconn = conn.pgconn
@@ -969,7 +959,7 @@ class PostgresStore:
                 raise psycopg.errors.error_from_result(prepared)
             self._fast_prepared[name] = used
         used = self._fast_prepared[name]
-        values: Any = [_fast_value(parameters.get(p), binary) for p, _, binary in used]
+        values: Any = [parameters.get(p) for p, _, _ in used]
         try:
             result = pgconn.exec_prepared(
                 name,
