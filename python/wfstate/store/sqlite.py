@@ -63,7 +63,6 @@ from wfstate.store.base import (
     LoadedExecution,
     WriteItem,
     conflict_with,
-    event_mask,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -292,6 +291,13 @@ class _Chain:
     lease: tuple[str, int] | None
 
 
+def _node_ids_json(node_ids: list[str]) -> str:
+    # Most versions touch no node or one: skip json.dumps for those (same text).
+    if not node_ids:
+        return "[]"
+    return json.dumps(node_ids)
+
+
 def _chains(items: Sequence[WriteItem]) -> list[_Chain]:
     """Group a batch by execution and compute every parameter before the lock is taken."""
     positions_by_execution: dict[str, list[int]] = {}
@@ -314,8 +320,8 @@ def _chains(items: Sequence[WriteItem]) -> list[_Chain]:
                     record.version,
                     record.updated_at_us,
                     record.actor,
-                    event_mask(record.event_types),
-                    json.dumps(record.node_ids),
+                    record.event_mask,
+                    _node_ids_json(record.node_ids),
                     record.delta,
                     lease_owner,
                     lease_token,
