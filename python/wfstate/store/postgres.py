@@ -900,27 +900,36 @@ class PostgresStore:
         shape = batch.shape
         if shape is not None:
             newer: list[tuple[int, int, str | None, bytes]] = []
-            with self._writer_connection() as conn:
-                statement = self._statement(shape, conn, lambda: self._write_statement(shape))
-                if shape.single:
-                    rows = self._execute_one(conn, shape, batch.parameters)
-                else:
-                    rows = conn.execute(statement, batch.parameters).fetchall()
-                if shape.single:
-                    # Rows with a delta are the newer deltas; the others the outcome.
-                    newer = sorted(
-                        (row[1], row[4], row[5], row[6]) for row in rows if row[6] is not None
-                    )
-                    rows = [row[:4] for row in rows if row[6] is None]
-                heads: dict[str, _ChainHead] = {
-                    execution_id: (
-                        items[positions[0]].record.base_version,
-                        items[positions[0]].lease,
-                    )
-                    for execution_id, positions in batch.chains.items()
-                    if execution_id not in batch.refused
-                }
-                refusals.update(self._refusals(conn, heads, rows))
+            sent = False
+            try:
+                with self._writer_connection() as conn:
+                    statement = self._statement(shape, conn, lambda: self._write_statement(shape))
+                    sent = True
+                    if shape.single:
+                        rows = self._execute_one(conn, shape, batch.parameters)
+                        # Rows with a delta are the newer deltas; the others the outcome.
+                        newer = sorted(
+                            (row[1], row[4], row[5], row[6]) for row in rows if row[6] is not None
+                        )
+                        rows = [row[:4] for row in rows if row[6] is None]
+                    else:
+                        rows = conn.execute(statement, batch.parameters).fetchall()
+                    heads: dict[str, _ChainHead] = {
+                        execution_id: (
+                            items[positions[0]].record.base_version,
+                            items[positions[0]].lease,
+                        )
+                        for execution_id, positions in batch.chains.items()
+                        if execution_id not in batch.refused
+                    }
+                    refusals.update(self._refusals(conn, heads, rows))
+            except StoreUnavailableError:
+                # The connection failed after the statement was sent: the server may
+                # have committed it and lost only the reply. Ask it, on a connection
+                # of its own; a write found stored, byte for byte, is reported as
+                # written (so memory follows the store), anything else as the failure.
+                if not (sent and shape.single and not refusals and self._landed(items[0])):
+                    raise
             if newer:
                 for execution_id, refusal in refusals.items():
                     if type(refusal) is ConflictError:
@@ -931,6 +940,27 @@ class PostgresStore:
             for position in batch.chains[execution_id]:
                 outcomes[position] = error
         return outcomes
+
+    def _landed(self, item: WriteItem) -> bool:
+        """Whether ``item``'s version is stored exactly as this write would have
+        stored it (same delta, actor and time). False when that cannot be known."""
+        record = item.record
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True, **self._settings) as conn:
+                row = conn.execute(
+                    self._sql(
+                        "SELECT data, actor, (extract(epoch FROM recorded_at) * 1000000)::bigint"
+                        " FROM {deltas} WHERE execution_id = %s AND version = %s"
+                    ),
+                    (record.execution_id, Int8(record.version)),
+                ).fetchone()
+        except psycopg.Error:
+            return False
+        return row is not None and (bytes(row[0]), row[1], row[2]) == (
+            record.delta,
+            record.actor,
+            record.updated_at_us,
+        )
 
     def _execute_one(
         self, conn: _Connection, shape: _WriteShape, parameters: dict[str, Any]
