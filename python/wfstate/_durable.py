@@ -216,6 +216,20 @@ class GroupCommitter:
 
         Raises ``StoreUnavailableError`` when the transaction carrying them failed.
         """
+        with self._lock:
+            alone = not self._busy
+            if alone:
+                self._busy = True
+        if alone:
+            # Nobody writing: write at once, without queueing (the sync path of one
+            # thread), then hand the lead to whoever queued meanwhile.
+            try:
+                outcomes = self._store.write(items)
+                self._batches += 1
+                self._writes += len(items)
+                return outcomes
+            finally:
+                self._release_lead()
         pending = _Pending(items)
         with self._lock:
             self._queue.append(pending)
@@ -264,11 +278,15 @@ class GroupCommitter:
             for pending in batch:
                 pending.finished = True
                 pending.signal()
-            with self._lock:
-                if self._queue:
-                    self._queue[0].signal()
-                else:
-                    self._busy = False
+            self._release_lead()
+
+    def _release_lead(self) -> None:
+        """Hand the lead to the first queued caller, or become idle."""
+        with self._lock:
+            if self._queue:
+                self._queue[0].signal()
+            else:
+                self._busy = False
 
     def stats(self) -> tuple[int, int]:
         """(transactions written, versions they carried)."""
