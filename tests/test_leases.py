@@ -582,3 +582,38 @@ def test_a_heartbeat_stops_quietly_when_the_manager_closes(durable_store_url: st
     assert not beat.lost
     assert beat.error is not None
     beat.stop()
+
+
+def test_writers_of_one_execution_share_its_snapshots(
+    two: tuple[StateManager, StateManager],
+) -> None:
+    """A writer that catches up on another's versions learns of the snapshots stored
+    with them, so two alternating writers store about as many snapshots as one would
+    (counting each on its own, they stored one every other version: 20 for 8)."""
+    first, second = two
+    first.create_execution("solo", workflow_id="wf", variables={"x": 0, "y": 0})
+    for number in range(40):
+        # Each writer its own variable: the stale one merges.
+        writer, name = (first, "x") if number % 2 else (second, "y")
+        writer.update_state("e1", {"variables": {name: number}})
+        first.update_state("solo", {"variables": {name: number}})
+    url = first.store_url
+    assert url is not None
+    store = open_store(url)
+    try:
+        shared = count_snapshots(store, "e1", 41)
+        solo = count_snapshots(store, "solo", 41)
+    finally:
+        store.close()
+    assert solo > 0
+    assert shared <= solo * 1.5 + 1, (shared, solo)
+
+
+def count_snapshots(store: Store, execution_id: str, up_to: int) -> int:
+    """How many versions up to ``up_to`` load from a snapshot of their own."""
+    return sum(
+        1
+        for version in range(2, up_to + 1)
+        if (found := store.load(execution_id, version=version)) is not None
+        and found.snapshot_version == version
+    )

@@ -633,10 +633,12 @@ def test_stale_single_write_gets_the_newer_deltas_with_its_conflict(store: Store
     stale = Recorder()
     stale.create("e1")
     newer = [recorder.update("e1", {"variables": {"x": n}}) for n in range(2, 5)]
-    written(store, newer)
+    assert store.write(items(newer, snapshot_at=[4])) == [None] * 3
     (outcome,) = store.write(items([stale.update("e1", {"variables": {"y": 1}})]))
     assert isinstance(outcome, NewerVersionsConflict)
     assert (outcome.expected, outcome.actual) == (1, 5)
+    # The stored row's newest snapshot, for the writer's snapshot policy.
+    assert outcome.snapshot_version == 4
     assert outcome.newer == store.read_deltas("e1", after_version=1)
     caught_up = _core.advance(
         loaded(store, "e1", version=1), [(v, at_us, delta) for v, at_us, _, delta in outcome.newer]

@@ -100,12 +100,25 @@ class SnapshotTracker:
         with self._lock:
             self._tracked[loaded.execution_id] = [loaded.snapshot_version, loaded.delta_bytes, size]
 
-    def grow(self, execution_id: str, delta_bytes: int) -> None:
-        """Count deltas another writer stored (this process caught up on them)."""
+    def caught_up(
+        self,
+        execution_id: str,
+        snapshot_version: int,
+        newer: Sequence[tuple[int, int, str | None, bytes]],
+    ) -> None:
+        """Take in versions another writer stored (this process caught up on them):
+        their deltas count towards the next snapshot, from the newest snapshot the
+        store holds (``snapshot_version``), so that several writers of an execution
+        do not each snapshot it on their own count."""
         with self._lock:
             tracked = self._tracked.get(execution_id)
-            if tracked is not None:
-                tracked[1] += delta_bytes
+            if tracked is None:
+                return
+            if snapshot_version > tracked[0]:
+                tracked[0] = snapshot_version
+                tracked[1] = sum(len(d) for v, _, _, d in newer if v > snapshot_version)
+            else:
+                tracked[1] += sum(len(d) for _, _, _, d in newer)
 
     def decide_chain(
         self,

@@ -405,7 +405,7 @@ class StateManager:
                     newer = conflict.newer
                     state = _core.advance(current, [(v, at_us, d) for v, at_us, _, d in newer])
                     self._core.refresh(state)
-                    self._tracker.grow(execution_id, sum(len(d) for _, _, _, d in newer))
+                    self._tracker.caught_up(execution_id, conflict.snapshot_version, newer)
                     return
             except (NotFoundError, ValidationError):
                 pass

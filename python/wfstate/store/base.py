@@ -100,7 +100,9 @@ class NewerVersionsConflict(ConflictError):
     ``read_deltas`` gives them, read in the same transaction (or statement) as the
     version check: the manager moves its copy forward and decides a merge from them
     without another round trip. Stores add them when it is cheap (one item, a few
-    versions behind); a plain ``ConflictError`` means "reload".
+    versions behind); a plain ``ConflictError`` means "reload". ``snapshot_version``
+    is the stored row's newest snapshot, so the writer's snapshot policy knows of
+    snapshots other writers stored (else every process would snapshot on its own).
     """
 
     def __init__(
@@ -109,9 +111,11 @@ class NewerVersionsConflict(ConflictError):
         expected: int,
         actual: int,
         newer: list[tuple[int, int, str | None, bytes]],
+        snapshot_version: int = 0,
     ) -> None:
         super().__init__(execution_id, expected, actual)
         self.newer = newer
+        self.snapshot_version = snapshot_version
 
 
 def conflict_with(
@@ -119,13 +123,14 @@ def conflict_with(
     expected: int,
     actual: int,
     newer: list[tuple[int, int, str | None, bytes]],
+    snapshot_version: int = 0,
 ) -> ConflictError:
     """A ``NewerVersionsConflict`` when ``newer`` is exactly the versions from
     ``expected + 1`` to ``actual``, else a plain ``ConflictError``."""
     if 0 < expected < actual and [delta[0] for delta in newer] == list(
         range(expected + 1, actual + 1)
     ):
-        return NewerVersionsConflict(execution_id, expected, actual, newer)
+        return NewerVersionsConflict(execution_id, expected, actual, newer, snapshot_version)
     return ConflictError(execution_id, expected, actual)
 
 

@@ -87,7 +87,10 @@ class MemoryStore:
                 ):
                     actual = 0 if row is None else row.version
                     newer = [] if row is None else self._newer(row, first.base_version)
-                    refusal = conflict_with(execution_id, first.base_version, actual, newer)
+                    snapshot_version = max(row.snapshots, default=0) if row is not None else 0
+                    refusal = conflict_with(
+                        execution_id, first.base_version, actual, newer, snapshot_version
+                    )
                 if refusal is not None:
                     for position in positions:
                         outcomes[position] = refusal

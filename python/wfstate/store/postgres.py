@@ -900,6 +900,7 @@ class PostgresStore:
         shape = batch.shape
         if shape is not None:
             newer: list[tuple[int, int, str | None, bytes]] = []
+            snapshot_version = 0
             sent = False
             try:
                 with self._writer_connection() as conn:
@@ -907,9 +908,13 @@ class PostgresStore:
                     sent = True
                     if shape.single:
                         rows = self._execute_one(conn, shape, batch.parameters)
-                        # Rows with a delta are the newer deltas; the others the outcome.
+                        # Rows with a delta are the newer deltas; the others the outcome
+                        # (a refused update's row carries the stored snapshot version).
                         newer = sorted(
                             (row[1], row[4], row[5], row[6]) for row in rows if row[6] is not None
+                        )
+                        snapshot_version = max(
+                            (row[4] or 0 for row in rows if row[6] is None), default=0
                         )
                         rows = [row[:4] for row in rows if row[6] is None]
                     else:
@@ -934,7 +939,7 @@ class PostgresStore:
                 for execution_id, refusal in refusals.items():
                     if type(refusal) is ConflictError:
                         refusals[execution_id] = conflict_with(
-                            execution_id, refusal.expected, refusal.actual, newer
+                            execution_id, refusal.expected, refusal.actual, newer, snapshot_version
                         )
         for execution_id, error in refusals.items():
             for position in batch.chains[execution_id]:
@@ -1060,7 +1065,8 @@ class PostgresStore:
                 """SELECT execution_id, NULL::bigint, NULL::text, NULL::bigint,
                 NULL::bigint, NULL::text, NULL::bytea FROM passed
             UNION ALL
-            SELECT execution_id, version, lease_owner, lease_token, NULL, NULL, NULL
+            SELECT execution_id, version, lease_owner, lease_token, snapshot_version, NULL,
+                NULL
             FROM {executions}
             WHERE execution_id = %(id)s AND NOT EXISTS (SELECT FROM passed)
             UNION ALL

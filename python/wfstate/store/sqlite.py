@@ -183,6 +183,9 @@ _UPDATE_EXECUTION: Final = """
     WHERE execution_id = ? AND version = ?
 """
 _SELECT_VERSION: Final = "SELECT version FROM wfstate_executions WHERE execution_id = ?"
+_SELECT_VERSION_AND_SNAPSHOT: Final = (
+    "SELECT version, snapshot_version FROM wfstate_executions WHERE execution_id = ?"
+)
 _INSERT_DELTA: Final = """
     INSERT INTO wfstate_deltas (
         execution_id, version, recorded_at_us, actor, event_mask, node_ids, data,
@@ -378,8 +381,10 @@ def _write_chains(connection: sqlite3.Connection, chains: list[_Chain]) -> dict[
                 )
                 continue
         elif connection.execute(_UPDATE_EXECUTION, chain.row).rowcount == 0:
-            found = connection.execute(_SELECT_VERSION, (chain.execution_id,)).fetchone()
-            actual = 0 if found is None else found[0]
+            found = connection.execute(
+                _SELECT_VERSION_AND_SNAPSHOT, (chain.execution_id,)
+            ).fetchone()
+            actual, snapshot_version = (0, 0) if found is None else found
             newer = (
                 connection.execute(
                     _SELECT_NEWER_DELTAS,
@@ -389,7 +394,7 @@ def _write_chains(connection: sqlite3.Connection, chains: list[_Chain]) -> dict[
                 else []
             )
             refusals[chain.execution_id] = conflict_with(
-                chain.execution_id, chain.base_version, actual, newer
+                chain.execution_id, chain.base_version, actual, newer, snapshot_version
             )
             continue
         connection.executemany(_INSERT_DELTA, chain.deltas)
