@@ -235,6 +235,28 @@ fn text_of(data: &Value, key: &str) -> Option<Arc<str>> {
     data.get(key).and_then(Value::as_str).map(Arc::from)
 }
 
+/// Replay stored deltas, `(version, recorded_at_us, delta)` in version order, onto
+/// `state` (`None`: from nothing, the first delta creating the execution).
+pub fn replay_deltas(
+    mut state: Option<State>,
+    execution_id: &Arc<str>,
+    deltas: &[(u64, i64, Vec<u8>)],
+    created_seq: u64,
+) -> Result<Option<State>, CoreError> {
+    for (version, timestamp, delta) in deltas {
+        let events = decode_delta(delta)?;
+        state = Some(replay_version(
+            state,
+            execution_id,
+            *version,
+            *timestamp,
+            &events,
+            created_seq,
+        )?);
+    }
+    Ok(state)
+}
+
 /// Apply one stored version's events to the state before it (`None` for version 1).
 pub fn replay_version(
     previous: Option<State>,

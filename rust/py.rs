@@ -1309,21 +1309,10 @@ pub fn rebuild(
     let execution_id: Arc<str> = Arc::from(id_str(execution_id, "execution_id")?);
     let snapshot = snapshot.map(<[u8]>::to_vec);
     let state = py.detach(|| -> Result<State, CoreError> {
-        let mut state = snapshot
+        let state = snapshot
             .map(|s| codec::decode_snapshot(&s, 0))
             .transpose()?;
-        for (version, timestamp, delta) in &deltas {
-            let events = codec::decode_delta(delta)?;
-            state = Some(codec::replay_version(
-                state,
-                &execution_id,
-                *version,
-                *timestamp,
-                &events,
-                0,
-            )?);
-        }
-        state.ok_or_else(|| {
+        codec::replay_deltas(state, &execution_id, &deltas, 0)?.ok_or_else(|| {
             CoreError::NotFound(format!("no stored version of execution {execution_id:?}"))
         })
     })?;
@@ -1344,21 +1333,13 @@ pub fn advance(
 ) -> PyResult<PyWorkflowState> {
     let start = state.state.clone();
     let state = py.detach(|| -> Result<State, CoreError> {
-        let execution_id = start.execution_id.clone();
-        let created_seq = start.created_seq;
-        let mut state = State::clone(&start);
-        for (version, timestamp, delta) in &deltas {
-            let events = codec::decode_delta(delta)?;
-            state = codec::replay_version(
-                Some(state),
-                &execution_id,
-                *version,
-                *timestamp,
-                &events,
-                created_seq,
-            )?;
-        }
-        Ok(state)
+        let replayed = codec::replay_deltas(
+            Some(State::clone(&start)),
+            &start.execution_id,
+            &deltas,
+            start.created_seq,
+        )?;
+        Ok(replayed.expect("replay from a state gives a state"))
     })?;
     Ok(PyWorkflowState {
         state: Arc::new(state),

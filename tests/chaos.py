@@ -184,9 +184,13 @@ def read_logs(directory: Path, report: ChaosReport) -> list[tuple[str, int, str]
     return acks
 
 
-def check_store(store: Store, ids: list[str], acks: list[tuple[str, int, str]]) -> ChaosReport:
-    """Verify every execution (see the module docs); acks are (execution, version, actor)."""
-    report = ChaosReport(executions=len(ids), acknowledged=len(acks))
+def check_store(
+    store: Store, ids: list[str], acks: list[tuple[str, int, str]], report: ChaosReport
+) -> ChaosReport:
+    """Verify every execution (see the module docs) into ``report``; acks are
+    (execution, version, actor)."""
+    report.executions = len(ids)
+    report.acknowledged = len(acks)
     acked_by_execution: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for execution_id, version, actor in acks:
         acked_by_execution[execution_id].append((version, actor))
@@ -313,13 +317,9 @@ def run_chaos(
     try:
         report = ChaosReport()
         acks = read_logs(directory, report)
-        checked = check_store(store, execution_ids(executions), acks)
+        checked = check_store(store, execution_ids(executions), acks, report)
     finally:
         store.close()
-    for field in ("conflicts", "conflicts_resolved", "conflicts_unresolved", "leases_lost"):
-        setattr(checked, field, getattr(report, field))
-    checked.claimed_orphans = report.claimed_orphans
-    checked.store_errors = report.store_errors
     checked.kills = kills
     checked.restarts_of_postgres = restarted
     checked.incarnations = sum(pool.incarnations.values())

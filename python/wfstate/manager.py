@@ -519,26 +519,42 @@ class StateManager:
         Also raises ``NotFoundError``, ``ValidationError``, ``InvalidTransitionError``;
         with a store, ``StoreUnavailableError`` (sync writes: nothing was applied).
         """
-        if lease is not None:
-            self._check_lease(execution_id, lease)
-        if self._store is None:
-            if lease is None:
+        if lease is None:
+            if self._store is None:
                 return self._core.apply(execution_id, update, expected_version, actor)
-            with self._lease_lock:
-                try:
-                    self._leases.check(execution_id, lease.owner, lease.token)
-                except LeaseLostError:
-                    self._count("leases_lost")
-                    raise
-                return self._core.apply(execution_id, update, expected_version, actor)
+        else:
+            self._check_lease(lease, execution_id)
+            if self._store is None:
+                return self._apply_leased_in_memory(
+                    execution_id, update, expected_version, actor, lease
+                )
         if self._durability == "async" and lease is None and not self._is_critical(update):
             return self._apply_async(execution_id, update, expected_version, actor)
         return self._apply_sync(execution_id, update, expected_version, actor, lease)
 
-    def _check_lease(self, execution_id: str, lease: Lease) -> None:
+    def _apply_leased_in_memory(
+        self,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        expected_version: int | None,
+        actor: str | None,
+        lease: Lease,
+    ) -> int:
+        """Without a store: the lease check and the update under one lock, so no
+        grant can slip in between."""
+        with self._lease_lock:
+            try:
+                self._leases.check(execution_id, lease.owner, lease.token)
+            except LeaseLostError:
+                self._count("leases_lost")
+                raise
+            return self._core.apply(execution_id, update, expected_version, actor)
+
+    def _check_lease(self, lease: Lease, execution_id: str | None = None) -> None:
+        """A ``Lease`` (on ``execution_id`` when given), else ``ValidationError``."""
         if not isinstance(lease, Lease):
             raise ValidationError(f"lease must be a Lease, not {type(lease).__name__}")
-        if lease.execution_id != execution_id:
+        if execution_id is not None and lease.execution_id != execution_id:
             raise ValidationError(
                 f"the lease is on execution {lease.execution_id!r}, not {execution_id!r}"
             )
@@ -691,7 +707,7 @@ class StateManager:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValidationError(f"retries must be a non-negative int, not {retries!r}")
         if lease is not None:
-            self._check_lease(execution_id, lease)
+            self._check_lease(lease, execution_id)
         attempt = 0
         while True:
             state = self.get_state(execution_id)
@@ -772,7 +788,7 @@ class StateManager:
         """Extend ``lease`` by ``ttl`` seconds from now (default: its own ttl) and
         return the renewed lease (same token). ``LeaseLostError`` when another owner
         has taken the execution (a lease that expired but was not taken renews)."""
-        self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        self._check_lease(lease)
         if ttl is None and lease.ttl <= 0:
             raise ValidationError("this lease's ttl is unknown (read by get_lease): give ttl")
         seconds, ttl_us = _ttl_micros(lease.ttl if ttl is None else ttl)
@@ -793,7 +809,7 @@ class StateManager:
         """End ``lease`` now, so another owner may acquire the execution at once (a
         running execution released this way is an orphan for ``claim_orphans``).
         Returns False, changing nothing, when the lease was no longer held."""
-        self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        self._check_lease(lease)
         with self._counter_lock:
             if self._granted.get(lease.execution_id, ("", 0, 0.0))[:2] == (
                 lease.owner,
@@ -839,7 +855,7 @@ class StateManager:
         ``Heartbeat.lease`` is the latest renewal; when another owner takes the
         execution, ``Heartbeat.lost`` turns True and ``on_lost`` is called.
         """
-        self._check_lease(lease.execution_id if isinstance(lease, Lease) else "", lease)
+        self._check_lease(lease)
         if ttl is None:
             if lease.ttl <= 0:
                 raise ValidationError("this lease's ttl is unknown (read by get_lease): give ttl")

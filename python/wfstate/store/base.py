@@ -144,20 +144,14 @@ def items_of_batch(
     """A batch as per-version write items (a snapshot on each flagged chain's last
     version), and the snapshot sizes per chain: ``write_batch`` through ``write``."""
     records = batch.records()
-    last_of: dict[str, int] = {}
-    for position, record in enumerate(records):
-        last_of[record.execution_id] = position
-    wanted = {
-        last_of[chain[0]] for chain, flag in zip(batch.chains(), snapshot, strict=True) if flag
-    }
+    last_of = {record.execution_id: position for position, record in enumerate(records)}
+    lasts = [last_of[chain[0]] for chain in batch.chains()]
+    wanted = {last for last, flag in zip(lasts, snapshot, strict=True) if flag}
     items = [
         WriteItem(record, record.snapshot() if position in wanted else None)
         for position, record in enumerate(records)
     ]
-    sizes = [
-        len(items[last_of[chain[0]]].snapshot or b"") if flag else 0
-        for chain, flag in zip(batch.chains(), snapshot, strict=True)
-    ]
+    sizes = [len(items[last].snapshot or b"") for last in lasts]
     return items, sizes
 
 

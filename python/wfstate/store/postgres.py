@@ -56,7 +56,6 @@ from wfstate.store.base import (
     LoadedExecution,
     WriteItem,
     conflict_with,
-    event_mask,
 )
 
 __all__ = ["COPY_THRESHOLD", "PostgresStore"]
@@ -569,7 +568,7 @@ class _Batch:
                 d_version.append(record.version)
                 d_recorded.append(record.updated_at_us)
                 d_actor.append(record.actor)
-                d_mask.append(event_mask(record.event_types))
+                d_mask.append(record.event_mask)
                 d_nodes.append(_text_array_literal(record.node_ids))
                 d_data.append(record.delta)
                 d_lease_owner.append(lease_owner)

@@ -45,7 +45,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 
 from wfstate._core import RecordBatch
-from wfstate._lease import from_micros
+from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
     AlreadyExistsError,
     ClosedError,
@@ -273,10 +273,6 @@ def _rollback(connection: sqlite3.Connection) -> None:
             connection.execute("ROLLBACK")
     except sqlite3.Error:
         pass
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 @dataclass(slots=True)
@@ -565,7 +561,7 @@ class SQLiteStore:
                 continue
             for statement in statements:
                 writer.execute(statement)
-            writer.execute(_INSERT_MIGRATION, (version, _now_us()))
+            writer.execute(_INSERT_MIGRATION, (version, now_us()))
         # SQLite opens a file it may not write read-only, and BEGIN IMMEDIATE succeeds
         # on it; this no-op write fails there (SQLITE_READONLY), so open does too.
         writer.execute(_PROBE_WRITABLE)
@@ -826,7 +822,7 @@ class SQLiteStore:
             if found is None:
                 raise NotFoundError(f"no execution {execution_id!r}")
             holder, _, expires_at_us = found
-            now = _now_us()
+            now = now_us()
             if holder is not None and holder != owner and expires_at_us > now:
                 raise LeaseHeldError(execution_id, holder, from_micros(expires_at_us))
             (token,) = writer.execute(_GRANT_LEASE, (owner, now + ttl_us, execution_id)).fetchone()
@@ -836,7 +832,7 @@ class SQLiteStore:
 
     def renew_lease(self, execution_id: str, owner: str, token: int, ttl_us: int) -> LeaseGrant:
         def operation(writer: sqlite3.Connection) -> LeaseGrant:
-            expires_at_us = _now_us() + ttl_us
+            expires_at_us = now_us() + ttl_us
             if writer.execute(_RENEW_LEASE, (expires_at_us, execution_id, owner, token)).rowcount:
                 return LeaseGrant(execution_id, owner, token, expires_at_us)
             found = writer.execute(_SELECT_LEASE, (execution_id,)).fetchone()
@@ -862,7 +858,7 @@ class SQLiteStore:
 
     def claim_orphans(self, owner: str, ttl_us: int, limit: int) -> list[LeaseGrant]:
         def operation(writer: sqlite3.Connection) -> list[LeaseGrant]:
-            now = _now_us()
+            now = now_us()
             grants = []
             for (execution_id,) in writer.execute(_SELECT_ORPHANS, (now, limit)).fetchall():
                 (token,) = writer.execute(
