@@ -43,6 +43,30 @@ pub fn event_bit(kind: EventKind) -> u32 {
     1 << position
 }
 
+/// The SQLite store's `wfstate_deltas` row of one version written without a lease:
+/// `(execution_id, version, recorded_at_us, actor, event_mask, node_ids (JSON), data,
+/// NULL, NULL)`.
+pub(crate) fn sqlite_delta_row<'py>(
+    py: Python<'py>,
+    record: &PyVersionRecord,
+) -> PyResult<Bound<'py, PyAny>> {
+    let node_ids: Vec<&str> = record.node_ids.iter().map(|n| &**n).collect();
+    let node_ids = serde_json::to_string(&node_ids).expect("strings serialize");
+    Ok((
+        &*record.state.execution_id,
+        record.state.version,
+        record.state.updated_at,
+        record.actor.as_deref(),
+        event_mask(&record.event_types),
+        node_ids,
+        PyBytes::new(py, &record.delta),
+        Option::<&str>::None,
+        Option::<i64>::None,
+    )
+        .into_pyobject(py)?
+        .into_any())
+}
+
 pub fn event_mask(kinds: &[EventKind]) -> u32 {
     kinds.iter().fold(0, |mask, kind| mask | event_bit(*kind))
 }
@@ -363,24 +387,7 @@ impl PyRecordBatch {
             };
             let mut deltas = Vec::with_capacity(chain.records.len());
             for position in &chain.records {
-                let record = &self.records[*position];
-                let node_ids: Vec<&str> = record.node_ids.iter().map(|n| &**n).collect();
-                let node_ids = serde_json::to_string(&node_ids).expect("strings serialize");
-                deltas.push(
-                    (
-                        id,
-                        record.state.version,
-                        record.state.updated_at,
-                        record.actor.as_deref(),
-                        event_mask(&record.event_types),
-                        node_ids,
-                        PyBytes::new(py, &record.delta),
-                        Option::<&str>::None,
-                        Option::<i64>::None,
-                    )
-                        .into_pyobject(py)?
-                        .into_any(),
-                );
+                deltas.push(sqlite_delta_row(py, &self.records[*position])?);
             }
             let snapshots: Vec<Bound<'py, PyAny>> = match snapshot {
                 Some(bytes) => vec![(id, last.state.version, PyBytes::new(py, bytes))
@@ -480,111 +487,208 @@ impl PyRecordBatch {
     }
 
     /// Every array of the PostgreSQL batch statement: (name, element count, bytes).
+    /// A chain's snapshot (when due) is at its last version.
     fn encode_pg(&self, snapshots: &[Option<Vec<u8>>]) -> Vec<(&'static str, usize, Vec<u8>)> {
-        let text = || PgArray::new(TEXT_OID);
-        let int8 = || PgArray::new(INT8_OID);
-        let (mut u_id, mut u_status, mut u_lease_owner) = (text(), text(), text());
-        let (mut u_base, mut u_version, mut u_updated, mut u_snapshot, mut u_lease_token) =
-            (int8(), int8(), int8(), int8(), int8());
-        let (mut c_id, mut c_workflow, mut c_status, mut c_forked_id) =
-            (text(), text(), text(), text());
-        let (mut c_version, mut c_created, mut c_updated, mut c_snapshot, mut c_forked_version) =
-            (int8(), int8(), int8(), int8(), int8());
-        let (mut d_id, mut d_actor, mut d_nodes, mut d_lease_owner) =
-            (text(), text(), text(), text());
-        let (mut d_version, mut d_recorded, mut d_mask, mut d_lease_token) =
-            (int8(), int8(), int8(), int8());
-        let mut d_data = PgArray::new(BYTEA_OID);
-        let (mut s_id, mut s_version, mut s_data) = (text(), int8(), PgArray::new(BYTEA_OID));
-        let (mut updates, mut creations) = (0, 0);
-        for index in self.sorted_chains() {
-            let chain = &self.chains[index];
-            let id = chain.execution_id.as_bytes();
-            for position in &chain.records {
-                let record = &self.records[*position];
-                d_id.push(Some(id));
-                d_version.push_int(Some(int(record.state.version)));
-                d_recorded.push_int(Some(record.state.updated_at));
-                d_actor.push(record.actor.as_deref().map(str::as_bytes));
-                d_mask.push_int(Some(i64::from(event_mask(&record.event_types))));
-                d_nodes.push(Some(text_array_literal(&record.node_ids).as_bytes()));
-                d_data.push(Some(&record.delta));
-                d_lease_owner.push(None);
-                d_lease_token.push(None);
-            }
-            let first = self.first(chain);
-            let last = self.last(chain);
-            let snapshot_version = snapshots[index].as_ref().map(|bytes| {
-                s_id.push(Some(id));
-                s_version.push_int(Some(int(last.state.version)));
-                s_data.push(Some(bytes));
-                int(last.state.version)
-            });
-            if first.base_version == 0 {
-                creations += 1;
-                c_id.push(Some(id));
-                c_workflow.push(Some(first.state.workflow_id.as_bytes()));
-                c_status.push(Some(last.state.status.as_str().as_bytes()));
-                c_version.push_int(Some(int(last.state.version)));
-                c_created.push_int(Some(first.state.created_at));
-                c_updated.push_int(Some(last.state.updated_at));
-                c_snapshot.push_int(Some(snapshot_version.unwrap_or(0)));
-                match &first.state.forked_from {
-                    Some((fid, fv)) => {
-                        c_forked_id.push(Some(fid.as_bytes()));
-                        c_forked_version.push_int(Some(int(*fv)));
-                    }
-                    None => {
-                        c_forked_id.push(None);
-                        c_forked_version.push(None);
-                    }
+        let chains: Vec<PgChain<'_>> = self
+            .sorted_chains()
+            .into_iter()
+            .map(|index| {
+                let chain = &self.chains[index];
+                let records: Vec<&PyVersionRecord> =
+                    chain.records.iter().map(|p| &self.records[*p]).collect();
+                let mut versions_snapshots = vec![None; records.len()];
+                if let Some(last) = versions_snapshots.last_mut() {
+                    *last = snapshots[index].as_deref();
                 }
-            } else {
-                updates += 1;
-                u_id.push(Some(id));
-                u_base.push_int(Some(int(first.base_version)));
-                u_version.push_int(Some(int(last.state.version)));
-                u_status.push(Some(last.state.status.as_str().as_bytes()));
-                u_updated.push_int(Some(last.state.updated_at));
-                u_snapshot.push_int(snapshot_version);
-                u_lease_owner.push(None);
-                u_lease_token.push(None);
+                PgChain {
+                    id: &chain.execution_id,
+                    records,
+                    snapshots: versions_snapshots,
+                    lease: None,
+                }
+            })
+            .collect();
+        encode_pg_chains(&chains)
+    }
+}
+
+/// One execution's versions in a PostgreSQL batch statement, in version order: each
+/// with its snapshot when it carries one, and the lease the chain is written under.
+pub(crate) struct PgChain<'a> {
+    pub id: &'a str,
+    pub records: Vec<&'a PyVersionRecord>,
+    pub snapshots: Vec<Option<&'a [u8]>>,
+    pub lease: Option<(&'a str, i64)>,
+}
+
+/// Every array of the PostgreSQL batch statement for `chains` (in the order given:
+/// execution-id order, so that concurrent batches lock rows in one order): (name,
+/// element count, bytes). A chain's row takes its first base version, its last
+/// version, status and time, and its newest snapshot's version (NULL: keep).
+pub(crate) fn encode_pg_chains(chains: &[PgChain<'_>]) -> Vec<(&'static str, usize, Vec<u8>)> {
+    let text = || PgArray::new(TEXT_OID);
+    let int8 = || PgArray::new(INT8_OID);
+    let (mut u_id, mut u_status, mut u_lease_owner) = (text(), text(), text());
+    let (mut u_base, mut u_version, mut u_updated, mut u_snapshot, mut u_lease_token) =
+        (int8(), int8(), int8(), int8(), int8());
+    let (mut c_id, mut c_workflow, mut c_status, mut c_forked_id) =
+        (text(), text(), text(), text());
+    let (mut c_version, mut c_created, mut c_updated, mut c_snapshot, mut c_forked_version) =
+        (int8(), int8(), int8(), int8(), int8());
+    let (mut d_id, mut d_actor, mut d_nodes, mut d_lease_owner) = (text(), text(), text(), text());
+    let (mut d_version, mut d_recorded, mut d_mask, mut d_lease_token) =
+        (int8(), int8(), int8(), int8());
+    let mut d_data = PgArray::new(BYTEA_OID);
+    let (mut s_id, mut s_version, mut s_data) = (text(), int8(), PgArray::new(BYTEA_OID));
+    let (mut updates, mut creations) = (0, 0);
+    for chain in chains {
+        let id = chain.id.as_bytes();
+        let (lease_owner, lease_token) = match chain.lease {
+            Some((owner, token)) => (Some(owner.as_bytes()), Some(token)),
+            None => (None, None),
+        };
+        let mut snapshot_version = None;
+        for (record, snapshot) in chain.records.iter().zip(&chain.snapshots) {
+            d_id.push(Some(id));
+            d_version.push_int(Some(int(record.state.version)));
+            d_recorded.push_int(Some(record.state.updated_at));
+            d_actor.push(record.actor.as_deref().map(str::as_bytes));
+            d_mask.push_int(Some(i64::from(event_mask(&record.event_types))));
+            d_nodes.push(Some(text_array_literal(&record.node_ids).as_bytes()));
+            d_data.push(Some(&record.delta));
+            d_lease_owner.push(lease_owner);
+            d_lease_token.push_int(lease_token);
+            if let Some(bytes) = snapshot {
+                s_id.push(Some(id));
+                s_version.push_int(Some(int(record.state.version)));
+                s_data.push(Some(bytes));
+                snapshot_version = Some(int(record.state.version));
             }
         }
-        let deltas = self.records.len();
-        let snapshot_count = snapshots.iter().filter(|s| s.is_some()).count();
-        vec![
-            ("u_id", updates, u_id.finish()),
-            ("u_base", updates, u_base.finish()),
-            ("u_version", updates, u_version.finish()),
-            ("u_status", updates, u_status.finish()),
-            ("u_updated", updates, u_updated.finish()),
-            ("u_snapshot", updates, u_snapshot.finish()),
-            ("u_lease_owner", updates, u_lease_owner.finish()),
-            ("u_lease_token", updates, u_lease_token.finish()),
-            ("c_id", creations, c_id.finish()),
-            ("c_workflow", creations, c_workflow.finish()),
-            ("c_status", creations, c_status.finish()),
-            ("c_version", creations, c_version.finish()),
-            ("c_created", creations, c_created.finish()),
-            ("c_updated", creations, c_updated.finish()),
-            ("c_snapshot", creations, c_snapshot.finish()),
-            ("c_forked_id", creations, c_forked_id.finish()),
-            ("c_forked_version", creations, c_forked_version.finish()),
-            ("d_id", deltas, d_id.finish()),
-            ("d_version", deltas, d_version.finish()),
-            ("d_recorded", deltas, d_recorded.finish()),
-            ("d_actor", deltas, d_actor.finish()),
-            ("d_mask", deltas, d_mask.finish()),
-            ("d_nodes", deltas, d_nodes.finish()),
-            ("d_data", deltas, d_data.finish()),
-            ("d_lease_owner", deltas, d_lease_owner.finish()),
-            ("d_lease_token", deltas, d_lease_token.finish()),
-            ("s_id", snapshot_count, s_id.finish()),
-            ("s_version", snapshot_count, s_version.finish()),
-            ("s_data", snapshot_count, s_data.finish()),
-        ]
+        let first = chain.records[0];
+        let last = chain.records[chain.records.len() - 1];
+        if first.base_version == 0 {
+            creations += 1;
+            c_id.push(Some(id));
+            c_workflow.push(Some(first.state.workflow_id.as_bytes()));
+            c_status.push(Some(last.state.status.as_str().as_bytes()));
+            c_version.push_int(Some(int(last.state.version)));
+            c_created.push_int(Some(first.state.created_at));
+            c_updated.push_int(Some(last.state.updated_at));
+            c_snapshot.push_int(Some(snapshot_version.unwrap_or(0)));
+            match &first.state.forked_from {
+                Some((fid, fv)) => {
+                    c_forked_id.push(Some(fid.as_bytes()));
+                    c_forked_version.push_int(Some(int(*fv)));
+                }
+                None => {
+                    c_forked_id.push(None);
+                    c_forked_version.push(None);
+                }
+            }
+        } else {
+            updates += 1;
+            u_id.push(Some(id));
+            u_base.push_int(Some(int(first.base_version)));
+            u_version.push_int(Some(int(last.state.version)));
+            u_status.push(Some(last.state.status.as_str().as_bytes()));
+            u_updated.push_int(Some(last.state.updated_at));
+            u_snapshot.push_int(snapshot_version);
+            u_lease_owner.push(lease_owner);
+            u_lease_token.push_int(lease_token);
+        }
     }
+    let deltas: usize = chains.iter().map(|c| c.records.len()).sum();
+    let snapshot_count = chains
+        .iter()
+        .flat_map(|c| &c.snapshots)
+        .filter(|s| s.is_some())
+        .count();
+    vec![
+        ("u_id", updates, u_id.finish()),
+        ("u_base", updates, u_base.finish()),
+        ("u_version", updates, u_version.finish()),
+        ("u_status", updates, u_status.finish()),
+        ("u_updated", updates, u_updated.finish()),
+        ("u_snapshot", updates, u_snapshot.finish()),
+        ("u_lease_owner", updates, u_lease_owner.finish()),
+        ("u_lease_token", updates, u_lease_token.finish()),
+        ("c_id", creations, c_id.finish()),
+        ("c_workflow", creations, c_workflow.finish()),
+        ("c_status", creations, c_status.finish()),
+        ("c_version", creations, c_version.finish()),
+        ("c_created", creations, c_created.finish()),
+        ("c_updated", creations, c_updated.finish()),
+        ("c_snapshot", creations, c_snapshot.finish()),
+        ("c_forked_id", creations, c_forked_id.finish()),
+        ("c_forked_version", creations, c_forked_version.finish()),
+        ("d_id", deltas, d_id.finish()),
+        ("d_version", deltas, d_version.finish()),
+        ("d_recorded", deltas, d_recorded.finish()),
+        ("d_actor", deltas, d_actor.finish()),
+        ("d_mask", deltas, d_mask.finish()),
+        ("d_nodes", deltas, d_nodes.finish()),
+        ("d_data", deltas, d_data.finish()),
+        ("d_lease_owner", deltas, d_lease_owner.finish()),
+        ("d_lease_token", deltas, d_lease_token.finish()),
+        ("s_id", snapshot_count, s_id.finish()),
+        ("s_version", snapshot_count, s_version.finish()),
+        ("s_data", snapshot_count, s_data.finish()),
+    ]
+}
+
+/// The PostgreSQL batch statement's arrays for the sync path's group commit: one
+/// `(record, snapshot or None, (lease owner, token) or None)` per version, grouped by
+/// execution in first-seen order (an execution's versions must be consecutive in
+/// version order), sorted by execution id. Returns (name -> binary array, has
+/// updates, has creations, has snapshots).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub fn pg_write_parameters<'py>(
+    py: Python<'py>,
+    items: Vec<(
+        PyRef<'py, PyVersionRecord>,
+        Option<Bound<'py, PyBytes>>,
+        Option<(String, i64)>,
+    )>,
+) -> PyResult<(Bound<'py, PyDict>, bool, bool, bool)> {
+    let mut by_execution: HashMap<&str, usize> = HashMap::new();
+    let mut chains: Vec<PgChain<'_>> = Vec::new();
+    for (record, snapshot, lease) in &items {
+        let id: &str = &record.state.execution_id;
+        let index = *by_execution.entry(id).or_insert_with(|| {
+            chains.push(PgChain {
+                id,
+                records: Vec::new(),
+                snapshots: Vec::new(),
+                lease: lease
+                    .as_ref()
+                    .map(|(owner, token)| (owner.as_str(), *token)),
+            });
+            chains.len() - 1
+        });
+        chains[index].records.push(record);
+        chains[index]
+            .snapshots
+            .push(snapshot.as_ref().map(|b| b.as_bytes()));
+    }
+    chains.sort_by(|a, b| a.id.cmp(b.id));
+    let has_snapshots = chains
+        .iter()
+        .flat_map(|c| &c.snapshots)
+        .any(Option::is_some);
+    let arrays = encode_pg_chains(&chains);
+    let count = |wanted: &str| {
+        arrays
+            .iter()
+            .any(|(name, count, _)| *name == wanted && *count > 0)
+    };
+    let (has_updates, has_creations) = (count("u_id"), count("c_id"));
+    let parameters = PyDict::new(py);
+    for (name, _, bytes) in arrays {
+        parameters.set_item(name, PyBytes::new(py, &bytes))?;
+    }
+    Ok((parameters, has_updates, has_creations, has_snapshots))
 }
 
 #[cfg(test)]
@@ -616,6 +720,65 @@ mod tests {
         let values: Vec<Arc<str>> = vec!["a".into(), "b\"c\\".into()];
         assert_eq!(text_array_literal(&values), r#"{"a","b\"c\\"}"#);
         assert_eq!(text_array_literal(&[]), "{}");
+    }
+
+    fn record(id: &str, base: u64, version: u64) -> PyVersionRecord {
+        let (mut state, _) = crate::model::create(id.into(), "wf".into(), vec![], vec![], 0, 0);
+        state.version = version;
+        PyVersionRecord::new(
+            Arc::new(state),
+            base,
+            None,
+            std::iter::once((EventKind::VariablesChanged, None, &b"d"[..])),
+            0,
+        )
+    }
+
+    /// The element count of a one-dimensional binary array (0 when empty).
+    fn elements(arrays: &[(&'static str, usize, Vec<u8>)], name: &str) -> (usize, Vec<u8>) {
+        let (_, count, bytes) = arrays.iter().find(|(n, _, _)| *n == name).unwrap();
+        (*count, bytes.clone())
+    }
+
+    #[test]
+    fn sync_chains_carry_their_lease_and_newest_snapshot() {
+        let (a1, a2, b) = (record("a", 4, 5), record("a", 5, 6), record("b", 0, 1));
+        let chains = [
+            PgChain {
+                id: "a",
+                records: vec![&a1, &a2],
+                snapshots: vec![Some(&b"s5"[..]), None],
+                lease: Some(("owner", 7)),
+            },
+            PgChain {
+                id: "b",
+                records: vec![&b],
+                snapshots: vec![None],
+                lease: None,
+            },
+        ];
+        let arrays = encode_pg_chains(&chains);
+        assert_eq!(elements(&arrays, "u_id").0, 1);
+        assert_eq!(elements(&arrays, "c_id").0, 1);
+        assert_eq!(elements(&arrays, "d_id").0, 3);
+        assert_eq!(elements(&arrays, "s_id").0, 1);
+        // The update row: base 4, version 6, snapshot version 5 (the chain's newest),
+        // lease token 7; each int8 element is its length (8) then the value.
+        let value = |name: &str| {
+            let (_, bytes) = elements(&arrays, name);
+            i64::from_be_bytes(bytes[24..32].try_into().unwrap())
+        };
+        assert_eq!(value("u_base"), 4);
+        assert_eq!(value("u_version"), 6);
+        assert_eq!(value("u_snapshot"), 5);
+        assert_eq!(value("u_lease_token"), 7);
+        assert_eq!(value("s_version"), 5);
+        // Both of the chain's deltas carry its lease; the creation's none (a NULL).
+        let (_, tokens) = elements(&arrays, "d_lease_token");
+        assert_eq!(&tokens[4..8], &1i32.to_be_bytes(), "has NULLs");
+        assert_eq!(&tokens[24..32], &7i64.to_be_bytes());
+        assert_eq!(&tokens[36..44], &7i64.to_be_bytes());
+        assert_eq!(&tokens[44..48], &(-1i32).to_be_bytes());
     }
 
     #[test]

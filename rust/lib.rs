@@ -2,7 +2,8 @@
 //!
 //! This file holds only the module definition; each concept has its own file:
 //! `model` (state, updates, transitions: pure Rust), `ring` (the event ring),
-//! `engine` (the state map and the two-phase write), `convert` (Python <-> Rust
+//! `engine` (the state map and the two-phase write), `snapshots` (the snapshot
+//! policy's bookkeeping), `convert` (Python <-> Rust
 //! values, with validation), `py` (the Python classes) and `errors`.
 
 pub mod batch;
@@ -13,6 +14,7 @@ pub mod errors;
 pub mod model;
 pub mod py;
 pub mod ring;
+pub mod snapshots;
 
 use pyo3::prelude::*;
 
@@ -24,10 +26,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[pymodule(gil_used = false)]
 mod _core {
     #[pymodule_export]
-    use crate::batch::PyRecordBatch;
+    use crate::batch::{pg_write_parameters, PyRecordBatch};
     #[pymodule_export]
     use crate::py::{
         advance, bind_types, decode_data, decode_history, rebuild, PyCore, PyEventCursor,
         PyNodeState, PyPreparedUpdate, PyStateEvent, PyVersionRecord, PyWorkflowState,
     };
+    #[pymodule_export]
+    use crate::snapshots::PySnapshotTracker;
 }

@@ -1237,6 +1237,40 @@ impl PyVersionRecord {
         }
     }
 
+    /// The SQLite store's parameters for this version of an existing execution,
+    /// written without a lease (the sync path of one writer): the UPDATE of the
+    /// execution's row (`snapshot_version` is this version when `snapshot` is given,
+    /// else 0: keep), the delta row, and the snapshot row or None.
+    #[allow(clippy::type_complexity)]
+    fn sqlite_update_rows<'py>(
+        &self,
+        py: Python<'py>,
+        snapshot: Option<Bound<'py, PyBytes>>,
+    ) -> PyResult<(
+        Bound<'py, PyAny>,
+        Bound<'py, PyAny>,
+        Option<Bound<'py, PyAny>>,
+    )> {
+        let state = &self.state;
+        let id = &*state.execution_id;
+        let update = (
+            state.version,
+            state.status.as_str(),
+            state.updated_at,
+            if snapshot.is_some() { state.version } else { 0 },
+            id,
+            self.base_version,
+        )
+            .into_pyobject(py)?
+            .into_any();
+        let delta = crate::batch::sqlite_delta_row(py, self)?;
+        let snapshot = match snapshot {
+            Some(bytes) => Some((id, state.version, bytes).into_pyobject(py)?.into_any()),
+            None => None,
+        };
+        Ok((update, delta, snapshot))
+    }
+
     /// The state after this version as snapshot bytes (encoded on each call).
     fn snapshot<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         let state = self.state.clone();

@@ -140,6 +140,9 @@ def test_fencing_refuses_only_the_chain_with_the_lost_lease(store: Store) -> Non
     assert isinstance(outcomes[1], LeaseLostError)
     assert outcomes[2] is None
     assert store.current_versions(["a", "b", "c"]) == {"a": 2, "b": 1, "c": 2}
+    # Each delta of the batch records the lease it was written under, or none.
+    assert store.lease_log("a") == [(1, None, None), (2, "alice", lease_a.token)]
+    assert store.lease_log("c") == [(1, None, None), (2, None, None)]
 
 
 def test_lost_lease_is_reported_before_a_version_conflict(store: Store) -> None:

@@ -5,6 +5,7 @@ from datetime import datetime
 from typing import Any, final
 
 from wfstate._model import EventType, ExecutionStatus, NodeStatus, StateUpdate
+from wfstate.store.base import LoadedExecution
 
 __all__ = [
     "Core",
@@ -12,6 +13,7 @@ __all__ = [
     "NodeState",
     "PreparedUpdate",
     "RecordBatch",
+    "SnapshotTracker",
     "StateEvent",
     "VersionRecord",
     "WorkflowState",
@@ -19,6 +21,7 @@ __all__ = [
     "bind_types",
     "decode_data",
     "decode_history",
+    "pg_write_parameters",
     "rebuild",
 ]
 
@@ -152,6 +155,9 @@ class VersionRecord:
     @property
     def state(self) -> WorkflowState: ...
     def snapshot(self) -> bytes: ...
+    def sqlite_update_rows(
+        self, snapshot: bytes | None
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, int, bytes] | None]: ...
 
 @final
 class EventCursor:
@@ -209,6 +215,32 @@ class RecordBatch:
         ],
         list[int],
     ]: ...
+
+@final
+class SnapshotTracker:
+    """Which versions are stored with a whole-state snapshot, per ``SnapshotPolicy``."""
+
+    def __new__(
+        cls, *, every_versions: int | None, when_deltas_outweigh: bool, at_final_status: bool
+    ) -> SnapshotTracker: ...
+    def seed(self, loaded: LoadedExecution) -> None: ...
+    def caught_up(
+        self,
+        execution_id: str,
+        snapshot_version: int,
+        newer: Iterable[tuple[int, int, str | None, bytes]],
+    ) -> None: ...
+    def snapshot_for(self, record: VersionRecord) -> bytes | None: ...
+    def decide_chain(
+        self,
+        execution_id: str,
+        base_version: int,
+        last_version: int,
+        last_status: str,
+        delta_bytes: int,
+        first_delta_bytes: int,
+    ) -> bool: ...
+    def snapshotted(self, execution_id: str, size: int) -> None: ...
 
 @final
 class Core:
@@ -307,6 +339,9 @@ def rebuild(
     snapshot: bytes | None,
     deltas: Sequence[tuple[int, int, bytes]],
 ) -> WorkflowState: ...
+def pg_write_parameters(
+    items: Sequence[tuple[VersionRecord, bytes | None, tuple[str, int] | None]],
+) -> tuple[dict[str, bytes], bool, bool, bool]: ...
 def advance(state: WorkflowState, deltas: Sequence[tuple[int, int, bytes]]) -> WorkflowState: ...
 def decode_history(
     execution_id: str,

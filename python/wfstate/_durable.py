@@ -1,6 +1,7 @@
 """The machinery between the Rust core and a durable store.
 
-- ``SnapshotPolicy`` and ``SnapshotTracker`` decide which versions carry a snapshot.
+- ``SnapshotPolicy`` says which versions carry a snapshot; the core's
+  ``SnapshotTracker`` (``snapshot_tracker``) keeps the count and decides.
 - ``GroupCommitter`` is the sync write path: callers hand it their version records
   and block; whoever arrives while no write is in flight leads, writing every
   record queued so far in one transaction (one disk flush for many callers), then
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Final, Required, TypedDict
 
 from wfstate import _core
-from wfstate._core import RecordBatch, VersionRecord
+from wfstate._core import RecordBatch, SnapshotTracker
 from wfstate.errors import (
     ClosedError,
     ConflictError,
@@ -34,7 +35,7 @@ from wfstate.errors import (
     ValidationError,
     WfstateError,
 )
-from wfstate.store.base import LoadedExecution, Store, WriteItem
+from wfstate.store.base import Store, WriteItem
 
 __all__ = [
     "CRITICAL_CHOICES",
@@ -44,9 +45,8 @@ __all__ = [
     "ManagerStats",
     "SnapshotPolicy",
     "SnapshotTracker",
+    "snapshot_tracker",
 ]
-
-_FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 
 #: What may make an update critical (written synchronously even in async mode).
 CRITICAL_CHOICES: Final = frozenset({"status", "node_failed", "error", "nodes", "all"})
@@ -81,116 +81,14 @@ class SnapshotPolicy:
             )
 
 
-class SnapshotTracker:
-    """Per execution: the last snapshot's version and size, and the delta bytes since."""
-
-    __slots__ = ("_lock", "_policy", "_tracked")
-
-    def __init__(self, policy: SnapshotPolicy) -> None:
-        self._policy = policy
-        self._lock = threading.Lock()
-        # execution id -> [last snapshot version, delta bytes since, snapshot size]
-        self._tracked: dict[str, list[int]] = {}
-
-    def seed(self, loaded: LoadedExecution) -> None:
-        """Start tracking an execution loaded from the store."""
-        size = 0 if loaded.snapshot is None else len(loaded.snapshot)
-        if loaded.snapshot is None and loaded.deltas:
-            size = len(loaded.deltas[0][2])
-        with self._lock:
-            self._tracked[loaded.execution_id] = [loaded.snapshot_version, loaded.delta_bytes, size]
-
-    def caught_up(
-        self,
-        execution_id: str,
-        snapshot_version: int,
-        newer: Sequence[tuple[int, int, str | None, bytes]],
-    ) -> None:
-        """Take in versions another writer stored (this process caught up on them):
-        their deltas count towards the next snapshot, from the newest snapshot the
-        store holds (``snapshot_version``), so that several writers of an execution
-        do not each snapshot it on their own count."""
-        with self._lock:
-            tracked = self._tracked.get(execution_id)
-            if tracked is None:
-                return
-            if snapshot_version > tracked[0]:
-                tracked[0] = snapshot_version
-                tracked[1] = sum(len(d) for v, _, _, d in newer if v > snapshot_version)
-            else:
-                tracked[1] += sum(len(d) for _, _, _, d in newer)
-
-    def decide_chain(
-        self,
-        execution_id: str,
-        base_version: int,
-        last_version: int,
-        last_status: str,
-        delta_bytes: int,
-        first_delta_bytes: int,
-    ) -> bool:
-        """Whether a write-behind chain (an execution's versions in one batch) ends
-        with a snapshot: the rules of ``decide``, applied once at the chain's last
-        version (so replay stays bounded by the rule plus one batch)."""
-        policy = self._policy
-        with self._lock:
-            tracked = self._tracked.get(execution_id)
-            if base_version == 0:
-                # The creation's delta is the baseline (see ``decide``).
-                tracked = [1, delta_bytes - first_delta_bytes, first_delta_bytes]
-                self._tracked[execution_id] = tracked
-            elif tracked is None:
-                tracked = [base_version, delta_bytes, max(delta_bytes, 1)]
-                self._tracked[execution_id] = tracked
-            else:
-                tracked[1] += delta_bytes
-            wanted = (
-                (policy.at_final_status and last_status in _FINAL_STATUSES)
-                or (
-                    policy.every_versions is not None
-                    and last_version - tracked[0] >= policy.every_versions
-                )
-                or (policy.when_deltas_outweigh and tracked[1] >= tracked[2])
-            )
-            if wanted:
-                tracked[0] = last_version
-                tracked[1] = 0
-            return wanted
-
-    def snapshotted(self, execution_id: str, size: int) -> None:
-        """Record the size of the snapshot ``decide_chain`` asked for."""
-        with self._lock:
-            tracked = self._tracked.get(execution_id)
-            if tracked is not None:
-                tracked[2] = size
-
-    def decide(self, record: VersionRecord) -> WriteItem:
-        """The write item for ``record``, with a snapshot when the policy says so."""
-        policy = self._policy
-        delta_size = len(record.delta)
-        with self._lock:
-            tracked = self._tracked.get(record.execution_id)
-            if tracked is None or record.base_version == 0:
-                # A creation's delta holds the whole initial state: it is the baseline.
-                self._tracked[record.execution_id] = [record.version, 0, delta_size]
-                return WriteItem(record)
-            tracked[1] += delta_size
-            wanted = (
-                (policy.at_final_status and record.status in _FINAL_STATUSES)
-                or (
-                    policy.every_versions is not None
-                    and record.version - tracked[0] >= policy.every_versions
-                )
-                or (policy.when_deltas_outweigh and tracked[1] >= tracked[2])
-            )
-            if not wanted:
-                return WriteItem(record)
-            tracked[0] = record.version
-            tracked[1] = 0
-        snapshot = record.snapshot()
-        with self._lock:
-            tracked[2] = len(snapshot)
-        return WriteItem(record, snapshot)
+def snapshot_tracker(policy: SnapshotPolicy) -> SnapshotTracker:
+    """The core's ``SnapshotTracker`` applying ``policy`` (the bookkeeping is in Rust:
+    the sync path asks it once per update)."""
+    return SnapshotTracker(
+        every_versions=policy.every_versions,
+        when_deltas_outweigh=policy.when_deltas_outweigh,
+        at_final_status=policy.at_final_status,
+    )
 
 
 class _Pending:

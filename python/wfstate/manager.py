@@ -33,6 +33,7 @@ from wfstate._durable import (
     SnapshotPolicy,
     SnapshotTracker,
     check_critical,
+    snapshot_tracker,
 )
 from wfstate._lease import Heartbeat, Lease, LeaseGrant, LeaseTable
 from wfstate._merge import fields_of_events, fields_of_update
@@ -282,7 +283,7 @@ class StateManager:
         self._durability = durability
         self._critical = critical
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
-        self._tracker = SnapshotTracker(snapshot_policy)
+        self._tracker = snapshot_tracker(snapshot_policy)
         self._committer = GroupCommitter(store, max_batch=max_batch)
         for execution_id in store.active_execution_ids():
             if self._load(execution_id) is not None:
@@ -415,11 +416,12 @@ class StateManager:
         """Store prepared versions synchronously, then publish them, in order."""
         assert self._committer is not None
         assert self._tracker is not None
-        items = [self._tracker.decide(p.record()) for p in prepared]
-        if lease is not None:
-            items = [
-                WriteItem(item.record, item.snapshot, (lease.owner, lease.token)) for item in items
-            ]
+        snapshot_for = self._tracker.snapshot_for
+        held = None if lease is None else (lease.owner, lease.token)
+        items = []
+        for one in prepared:
+            record = one.record()
+            items.append(WriteItem(record, snapshot_for(record), held))
         outcomes = self._committer.commit(items)
         for outcome, one in zip(outcomes, prepared, strict=True):
             if outcome is not None:

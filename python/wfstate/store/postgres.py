@@ -36,6 +36,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.numeric import Int8
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
+from wfstate import _core
 from wfstate._core import RecordBatch, VersionRecord
 from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
@@ -238,86 +239,42 @@ def _text_array_literal(values: Sequence[str]) -> str:
     )
 
 
-class _BigintArray(list[Any]):
-    """A list of int (or None) bound as ``bigint[]``."""
-
-
 class _TextArray(list[Any]):
     """A list of str (or None) bound as ``text[]``."""
-
-
-class _ByteaArray(list[Any]):
-    """A list of bytes bound as ``bytea[]``."""
 
 
 _ARRAY_HEADER = struct.Struct("!iiiii")  # dimensions, has NULLs, element type, length, base
 _EMPTY_ARRAY_HEADER = struct.Struct("!iii")  # dimensions (0), has NULLs, element type
 _ELEMENT_LENGTH = struct.Struct("!i")
-_BIGINT_ELEMENT = struct.Struct("!iq")  # length (8), value
 _NULL_ELEMENT = _ELEMENT_LENGTH.pack(-1)
 
 
-class _ArrayDumper(Dumper):
-    """PostgreSQL's binary array format for one flat array, written in one pass.
+class _TextArrayDumper(Dumper):
+    """A ``_TextArray`` in PostgreSQL's binary array format, written in one pass.
 
-    psycopg's generic list dumper inspects every list to choose the element type; that
-    costs 7-20 µs per parameter even for one element (and 10 ms for 1,000 bytes
-    values), which would dominate a sync write of ~20 arrays. These dumpers know
-    their type, so a parameter costs about what a scalar does.
+    psycopg's generic list dumper inspects every list to choose the element type, at
+    7-20 µs per parameter even for one element. (The write statements' arrays come
+    encoded from Rust: ``_core.pg_write_parameters``, ``RecordBatch.pg_parameters``.)
     """
 
     format = pq.Format.BINARY
-    element_oid = 0
+    oid = postgres.types["text"].array_oid
+    element_oid = postgres.types["text"].oid
 
     def dump(self, obj: list[Any]) -> Buffer | None:
         if not obj:
             return _EMPTY_ARRAY_HEADER.pack(0, 0, self.element_oid)
         has_null = None in obj
-        return _ARRAY_HEADER.pack(1, has_null, self.element_oid, len(obj), 1) + self.elements(obj)
-
-    def elements(self, values: list[Any]) -> bytes:
-        raise NotImplementedError
-
-
-class _BigintArrayDumper(_ArrayDumper):
-    oid = postgres.types["int8"].array_oid
-    element_oid = postgres.types["int8"].oid
-
-    def elements(self, values: list[Any]) -> bytes:
-        pack = _BIGINT_ELEMENT.pack
-        try:
-            return b"".join(_NULL_ELEMENT if value is None else pack(8, value) for value in values)
-        except struct.error as e:
-            raise psycopg.DataError(f"a value does not fit a bigint: {e}") from e
-
-
-class _TextArrayDumper(_ArrayDumper):
-    oid = postgres.types["text"].array_oid
-    element_oid = postgres.types["text"].oid
-
-    def elements(self, values: list[Any]) -> bytes:
+        header = _ARRAY_HEADER.pack(1, has_null, self.element_oid, len(obj), 1)
         pack = _ELEMENT_LENGTH.pack
-        parts: list[bytes] = []
-        for value in values:
+        parts: list[bytes] = [header]
+        for value in obj:
             if value is None:
                 parts.append(_NULL_ELEMENT)
             else:
                 data = value.encode()  # the pool's connections use client_encoding UTF8
                 parts.append(pack(len(data)))
                 parts.append(data)
-        return b"".join(parts)
-
-
-class _ByteaArrayDumper(_ArrayDumper):
-    oid = postgres.types["bytea"].array_oid
-    element_oid = postgres.types["bytea"].oid
-
-    def elements(self, values: list[Any]) -> bytes:
-        pack = _ELEMENT_LENGTH.pack
-        parts: list[bytes] = []
-        for value in values:
-            parts.append(pack(len(value)))
-            parts.append(value)
         return b"".join(parts)
 
 
@@ -378,9 +335,7 @@ def _configure(conn: _Connection) -> None:
     then the same for every call, so psycopg prepares it once per connection instead of
     once per combination of int2/int4/int8 (or all-None) arrays.
     """
-    conn.adapters.register_dumper(_BigintArray, _BigintArrayDumper)
     conn.adapters.register_dumper(_TextArray, _TextArrayDumper)
-    conn.adapters.register_dumper(_ByteaArray, _ByteaArrayDumper)
     conn.adapters.register_dumper(_EncodedTextArray, _EncodedTextDumper)
     conn.adapters.register_dumper(_EncodedBigintArray, _EncodedBigintDumper)
     conn.adapters.register_dumper(_EncodedByteaArray, _EncodedByteaDumper)
@@ -542,85 +497,19 @@ class _Batch:
         self.parameters = parameters
 
     def _many(self, items: Sequence[WriteItem]) -> None:
-        u_id, u_status = _TextArray(), _TextArray()
-        u_base, u_version, u_updated, u_snapshot = (_BigintArray() for _ in range(4))
-        u_lease_owner, u_lease_token = _TextArray(), _BigintArray()
-        c_id, c_workflow, c_status, c_forked_id = (_TextArray() for _ in range(4))
-        c_version, c_created, c_updated, c_snapshot, c_forked_version = (
-            _BigintArray() for _ in range(5)
-        )
-        d_id, d_actor, d_nodes = _TextArray(), _TextArray(), _TextArray()
-        d_version, d_recorded, d_mask = _BigintArray(), _BigintArray(), _BigintArray()
-        d_data = _ByteaArray()
-        d_lease_owner, d_lease_token = _TextArray(), _BigintArray()
-        s_id, s_version, s_data = _TextArray(), _BigintArray(), _ByteaArray()
-        # In id order: concurrent batches then insert new rows in one order (as the
-        # statement locks existing ones), so they cannot deadlock on each other.
-        for execution_id in sorted(self.chains):
-            if execution_id in self.refused:
-                continue
-            chain = [items[position] for position in self.chains[execution_id]]
-            lease_owner, lease_token = chain[0].lease or (None, None)
-            snapshot_version: int | None = None
-            for item in chain:
-                record = item.record
-                d_id.append(execution_id)
-                d_version.append(record.version)
-                d_recorded.append(record.updated_at_us)
-                d_actor.append(record.actor)
-                d_mask.append(record.event_mask)
-                d_nodes.append(_text_array_literal(record.node_ids))
-                d_data.append(record.delta)
-                d_lease_owner.append(lease_owner)
-                d_lease_token.append(lease_token)
-                if item.snapshot is not None:
-                    snapshot_version = record.version
-                    s_id.append(execution_id)
-                    s_version.append(record.version)
-                    s_data.append(item.snapshot)
-            first, last = chain[0].record, chain[-1].record
-            if first.base_version == 0:
-                forked_from = first.forked_from
-                c_id.append(execution_id)
-                c_workflow.append(first.workflow_id)
-                c_status.append(last.status)
-                c_version.append(last.version)
-                c_created.append(first.created_at_us)
-                c_updated.append(last.updated_at_us)
-                c_snapshot.append(snapshot_version or 0)
-                c_forked_id.append(None if forked_from is None else forked_from[0])
-                c_forked_version.append(None if forked_from is None else forked_from[1])
-            else:
-                u_id.append(execution_id)
-                u_base.append(first.base_version)
-                u_version.append(last.version)
-                u_status.append(last.status)
-                u_updated.append(last.updated_at_us)
-                u_snapshot.append(snapshot_version)
-                u_lease_owner.append(lease_owner)
-                u_lease_token.append(lease_token)
-        if not (u_id or c_id):
+        """The arrays, encoded in Rust (``_core.pg_write_parameters``, the encoder of
+        the write-behind batches too); refused chains are left out."""
+        kept = [
+            (item.record, item.snapshot, item.lease)
+            for execution_id, positions in self.chains.items()
+            if execution_id not in self.refused
+            for item in (items[position] for position in positions)
+        ]
+        encoded, updates, creations, snapshots = _core.pg_write_parameters(kept)
+        if not (updates or creations):
             return
-        self.shape = _WriteShape(False, bool(u_id), bool(c_id), bool(s_id))
-        if u_id:
-            self.parameters.update(
-                u_id=u_id, u_base=u_base, u_version=u_version, u_status=u_status,
-                u_updated=u_updated, u_snapshot=u_snapshot, u_lease_owner=u_lease_owner,
-                u_lease_token=u_lease_token,
-            )  # fmt: skip
-        if c_id:
-            self.parameters.update(
-                c_id=c_id, c_workflow=c_workflow, c_status=c_status, c_version=c_version,
-                c_created=c_created, c_updated=c_updated, c_snapshot=c_snapshot,
-                c_forked_id=c_forked_id, c_forked_version=c_forked_version,
-            )  # fmt: skip
-        self.parameters.update(
-            d_id=d_id, d_version=d_version, d_recorded=d_recorded, d_actor=d_actor,
-            d_mask=d_mask, d_nodes=d_nodes, d_data=d_data, d_lease_owner=d_lease_owner,
-            d_lease_token=d_lease_token,
-        )  # fmt: skip
-        if s_id:
-            self.parameters.update(s_id=s_id, s_version=s_version, s_data=s_data)
+        self.shape = _WriteShape(False, updates, creations, snapshots)
+        self.parameters = {name: _encoded(name, value) for name, value in encoded.items()}
 
 
 #: What the refusal check needs of a chain's first item: its base version and lease.

@@ -49,6 +49,7 @@ from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
     AlreadyExistsError,
     ClosedError,
+    ConflictError,
     LeaseHeldError,
     LeaseLostError,
     NotFoundError,
@@ -358,6 +359,44 @@ def _chains(items: Sequence[WriteItem]) -> list[_Chain]:
     return chains
 
 
+def _conflict(
+    connection: sqlite3.Connection, execution_id: str, base_version: int
+) -> ConflictError:
+    """The refusal of an update based on ``base_version`` that found another version
+    stored, with the deltas the writer missed when they are few (same transaction)."""
+    found = connection.execute(_SELECT_VERSION_AND_SNAPSHOT, (execution_id,)).fetchone()
+    actual, snapshot_version = (0, 0) if found is None else found
+    newer = (
+        connection.execute(
+            _SELECT_NEWER_DELTAS, (execution_id, base_version, NEWER_DELTAS_LIMIT)
+        ).fetchall()
+        if 0 < actual - base_version <= NEWER_DELTAS_LIMIT
+        else []
+    )
+    return conflict_with(execution_id, base_version, actual, newer, snapshot_version)
+
+
+def _write_one(
+    connection: sqlite3.Connection,
+    update: tuple[Any, ...],
+    delta: tuple[Any, ...],
+    snapshot: tuple[str, int, bytes] | None,
+) -> ConflictError | None:
+    """One update (not a creation, no lease) in one transaction: the sync path's
+    ``_write_chains`` without grouping."""
+    execute = connection.execute
+    execute("BEGIN IMMEDIATE")
+    if execute(_UPDATE_EXECUTION, update).rowcount == 0:
+        refusal = _conflict(connection, update[4], update[5])
+        execute("COMMIT")
+        return refusal
+    execute(_INSERT_DELTA, delta)
+    if snapshot is not None:
+        execute(_INSERT_SNAPSHOT, snapshot)
+    execute("COMMIT")
+    return None
+
+
 def _write_chains(connection: sqlite3.Connection, chains: list[_Chain]) -> dict[str, WfstateError]:
     """Apply the chains in one transaction; return the refused executions."""
     refusals: dict[str, WfstateError] = {}
@@ -377,20 +416,8 @@ def _write_chains(connection: sqlite3.Connection, chains: list[_Chain]) -> dict[
                 )
                 continue
         elif connection.execute(_UPDATE_EXECUTION, chain.row).rowcount == 0:
-            found = connection.execute(
-                _SELECT_VERSION_AND_SNAPSHOT, (chain.execution_id,)
-            ).fetchone()
-            actual, snapshot_version = (0, 0) if found is None else found
-            newer = (
-                connection.execute(
-                    _SELECT_NEWER_DELTAS,
-                    (chain.execution_id, chain.base_version, NEWER_DELTAS_LIMIT),
-                ).fetchall()
-                if 0 < actual - chain.base_version <= NEWER_DELTAS_LIMIT
-                else []
-            )
-            refusals[chain.execution_id] = conflict_with(
-                chain.execution_id, chain.base_version, actual, newer, snapshot_version
+            refusals[chain.execution_id] = _conflict(
+                connection, chain.execution_id, chain.base_version
             )
             continue
         connection.executemany(_INSERT_DELTA, chain.deltas)
@@ -647,6 +674,8 @@ class SQLiteStore:
         return self._read(operation)
 
     def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
+        if len(items) == 1 and items[0].lease is None and items[0].record.base_version:
+            return [self._write_update(items[0])]
         outcomes: list[WfstateError | None] = [None] * len(items)
         if not items:
             self._check_usable()
@@ -664,6 +693,18 @@ class SQLiteStore:
                     for position in chain.positions:
                         outcomes[position] = refusal
         return outcomes
+
+    def _write_update(self, item: WriteItem) -> ConflictError | None:
+        """One version of an existing execution without a lease: the sync path of one
+        writer, with the parameters made straight from the record (no chains)."""
+        update, delta, snapshot = item.record.sqlite_update_rows(item.snapshot)
+        with self._write_lock:
+            self._check_usable()
+            return self._retrying(
+                self._writer,
+                lambda writer: _write_one(writer, update, delta, snapshot),
+                doing="writing",
+            )
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
