@@ -43,12 +43,13 @@ pub fn event_bit(kind: EventKind) -> u32 {
     1 << position
 }
 
-/// The SQLite store's `wfstate_deltas` row of one version written without a lease:
-/// `(execution_id, version, recorded_at_us, actor, event_mask, node_ids (JSON), data,
-/// NULL, NULL)`.
-pub(crate) fn sqlite_delta_row<'py>(
+/// The SQLite store's `wfstate_deltas` row of one version: `(execution_id, version,
+/// recorded_at_us, actor, event_mask, node_ids (JSON), data, lease_owner,
+/// lease_token)`.
+fn sqlite_delta_row<'py>(
     py: Python<'py>,
     record: &PyVersionRecord,
+    lease: Option<(&str, i64)>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let node_ids: Vec<&str> = record.node_ids.iter().map(|n| &**n).collect();
     let node_ids = serde_json::to_string(&node_ids).expect("strings serialize");
@@ -60,11 +61,74 @@ pub(crate) fn sqlite_delta_row<'py>(
         event_mask(&record.event_types),
         node_ids,
         PyBytes::new(py, &record.delta),
-        Option::<&str>::None,
-        Option::<i64>::None,
+        lease.map(|(owner, _)| owner),
+        lease.map(|(_, token)| token),
     )
         .into_pyobject(py)?
         .into_any())
+}
+
+/// One chain's SQLite parameters: the executions row (INSERT parameters for a
+/// creation, else the UPDATE's: last version, status and time, the newest snapshot's
+/// version or 0 to keep the stored one, id, first base), the delta rows and the
+/// snapshot rows.
+#[allow(clippy::type_complexity)]
+pub(crate) fn sqlite_chain<'py>(
+    py: Python<'py>,
+    chain: &ChainView<'_>,
+) -> PyResult<(
+    Bound<'py, PyAny>,
+    Vec<Bound<'py, PyAny>>,
+    Vec<Bound<'py, PyAny>>,
+)> {
+    let id = chain.id;
+    let first = chain.records[0];
+    let last = chain.records[chain.records.len() - 1];
+    let mut deltas = Vec::with_capacity(chain.records.len());
+    let mut snapshots = Vec::new();
+    let mut snapshot_version = 0;
+    for (record, snapshot) in chain.records.iter().zip(&chain.snapshots) {
+        deltas.push(sqlite_delta_row(py, record, chain.lease)?);
+        if let Some(bytes) = snapshot {
+            snapshot_version = record.state.version;
+            snapshots.push(
+                (id, record.state.version, PyBytes::new(py, bytes))
+                    .into_pyobject(py)?
+                    .into_any(),
+            );
+        }
+    }
+    let row: Bound<'py, PyAny> = if first.base_version == 0 {
+        let (forked_id, forked_version) = match &first.state.forked_from {
+            Some((fid, fv)) => (Some(fid.to_string()), Some(*fv)),
+            None => (None, None),
+        };
+        (
+            id,
+            &*first.state.workflow_id,
+            last.state.status.as_str(),
+            last.state.version,
+            first.state.created_at,
+            last.state.updated_at,
+            snapshot_version,
+            forked_id,
+            forked_version,
+        )
+            .into_pyobject(py)?
+            .into_any()
+    } else {
+        (
+            last.state.version,
+            last.state.status.as_str(),
+            last.state.updated_at,
+            snapshot_version,
+            id,
+            first.base_version,
+        )
+            .into_pyobject(py)?
+            .into_any()
+    };
+    Ok((row, deltas, snapshots))
 }
 
 pub fn event_mask(kinds: &[EventKind]) -> u32 {
@@ -134,7 +198,8 @@ impl PgArray {
 }
 
 /// A node-id list as a PostgreSQL array literal (every element double-quoted, with
-/// backslash and double quote escaped), as the store's `_text_array_literal`.
+/// backslash and double quote escaped): each row of the `d_nodes` array and the
+/// one-version write's `nodes` parameter, cast back with `::text[]`.
 pub fn text_array_literal(values: &[Arc<str>]) -> String {
     if values.is_empty() {
         return "{}".to_string();
@@ -205,6 +270,22 @@ impl PyRecordBatch {
 
     fn last(&self, chain: &Chain) -> &PyVersionRecord {
         &self.records[*chain.records.last().expect("a chain is never empty")]
+    }
+
+    /// A chain as the encoders take it: its snapshot (when due) at its last version.
+    fn view<'a>(&'a self, chain: &'a Chain, snapshot: Option<&'a [u8]>) -> ChainView<'a> {
+        let records: Vec<&PyVersionRecord> =
+            chain.records.iter().map(|p| &self.records[*p]).collect();
+        let mut snapshots = vec![None; records.len()];
+        if let Some(last) = snapshots.last_mut() {
+            *last = snapshot;
+        }
+        ChainView {
+            id: &chain.execution_id,
+            records,
+            snapshots,
+            lease: None,
+        }
     }
 
     /// Chain indices in execution-id order: concurrent batches then lock and insert
@@ -347,56 +428,11 @@ impl PyRecordBatch {
         let snapshots = self.snapshots(py, &snapshot);
         let mut chains = Vec::with_capacity(self.chains.len());
         for (chain, snapshot) in self.chains.iter().zip(&snapshots) {
-            let first = self.first(chain);
-            let last = self.last(chain);
-            let id = &*chain.execution_id;
-            let snapshot_version = if snapshot.is_some() {
-                last.state.version
-            } else {
-                0
-            };
-            let row: Bound<'py, PyAny> = if first.base_version == 0 {
-                let (forked_id, forked_version) = match &first.state.forked_from {
-                    Some((fid, fv)) => (Some(fid.to_string()), Some(*fv)),
-                    None => (None, None),
-                };
-                (
-                    id,
-                    &*first.state.workflow_id,
-                    last.state.status.as_str(),
-                    last.state.version,
-                    first.state.created_at,
-                    last.state.updated_at,
-                    snapshot_version,
-                    forked_id,
-                    forked_version,
-                )
-                    .into_pyobject(py)?
-                    .into_any()
-            } else {
-                (
-                    last.state.version,
-                    last.state.status.as_str(),
-                    last.state.updated_at,
-                    snapshot_version,
-                    id,
-                    first.base_version,
-                )
-                    .into_pyobject(py)?
-                    .into_any()
-            };
-            let mut deltas = Vec::with_capacity(chain.records.len());
-            for position in &chain.records {
-                deltas.push(sqlite_delta_row(py, &self.records[*position])?);
-            }
-            let snapshots: Vec<Bound<'py, PyAny>> = match snapshot {
-                Some(bytes) => vec![(id, last.state.version, PyBytes::new(py, bytes))
-                    .into_pyobject(py)?
-                    .into_any()],
-                None => Vec::new(),
-            };
+            let view = self.view(chain, snapshot.as_deref());
+            let (row, deltas, snapshots) = sqlite_chain(py, &view)?;
+            let (id, base) = (view.id, view.records[0].base_version);
             chains.push(
-                (id, first.base_version, row, deltas, snapshots)
+                (id, base, row, deltas, snapshots)
                     .into_pyobject(py)?
                     .into_any(),
             );
@@ -489,32 +525,20 @@ impl PyRecordBatch {
     /// Every array of the PostgreSQL batch statement: (name, element count, bytes).
     /// A chain's snapshot (when due) is at its last version.
     fn encode_pg(&self, snapshots: &[Option<Vec<u8>>]) -> Vec<(&'static str, usize, Vec<u8>)> {
-        let chains: Vec<PgChain<'_>> = self
+        let chains: Vec<ChainView<'_>> = self
             .sorted_chains()
             .into_iter()
-            .map(|index| {
-                let chain = &self.chains[index];
-                let records: Vec<&PyVersionRecord> =
-                    chain.records.iter().map(|p| &self.records[*p]).collect();
-                let mut versions_snapshots = vec![None; records.len()];
-                if let Some(last) = versions_snapshots.last_mut() {
-                    *last = snapshots[index].as_deref();
-                }
-                PgChain {
-                    id: &chain.execution_id,
-                    records,
-                    snapshots: versions_snapshots,
-                    lease: None,
-                }
-            })
+            .map(|index| self.view(&self.chains[index], snapshots[index].as_deref()))
             .collect();
         encode_pg_chains(&chains)
     }
 }
 
-/// One execution's versions in a PostgreSQL batch statement, in version order: each
-/// with its snapshot when it carries one, and the lease the chain is written under.
-pub(crate) struct PgChain<'a> {
+/// One execution's versions in a write, in version order: each with its snapshot
+/// when it carries one, and the lease the chain is written under. The stores'
+/// encoders (`encode_pg_chains`, `sqlite_chain`) take these, whether they come
+/// from a write-behind `RecordBatch` or from the sync path's items.
+pub(crate) struct ChainView<'a> {
     pub id: &'a str,
     pub records: Vec<&'a PyVersionRecord>,
     pub snapshots: Vec<Option<&'a [u8]>>,
@@ -525,7 +549,7 @@ pub(crate) struct PgChain<'a> {
 /// execution-id order, so that concurrent batches lock rows in one order): (name,
 /// element count, bytes). A chain's row takes its first base version, its last
 /// version, status and time, and its newest snapshot's version (NULL: keep).
-pub(crate) fn encode_pg_chains(chains: &[PgChain<'_>]) -> Vec<(&'static str, usize, Vec<u8>)> {
+pub(crate) fn encode_pg_chains(chains: &[ChainView<'_>]) -> Vec<(&'static str, usize, Vec<u8>)> {
     let text = || PgArray::new(TEXT_OID);
     let int8 = || PgArray::new(INT8_OID);
     let (mut u_id, mut u_status, mut u_lease_owner) = (text(), text(), text());
@@ -637,11 +661,49 @@ pub(crate) fn encode_pg_chains(chains: &[PgChain<'_>]) -> Vec<(&'static str, usi
     ]
 }
 
+/// The sync path's items, `(record, snapshot or None, (lease owner, token) or None)`,
+/// as chains: grouped by execution in first-seen order (an execution's items must
+/// be consecutive versions), each with the positions of its items.
+#[allow(clippy::type_complexity)]
+fn item_chains<'a>(
+    items: &'a [(
+        PyRef<'a, PyVersionRecord>,
+        Option<Bound<'a, PyBytes>>,
+        Option<(String, i64)>,
+    )],
+) -> Vec<(ChainView<'a>, Vec<usize>)> {
+    let mut by_execution: HashMap<&str, usize> = HashMap::new();
+    let mut chains: Vec<(ChainView<'a>, Vec<usize>)> = Vec::new();
+    for (position, (record, snapshot, lease)) in items.iter().enumerate() {
+        let id: &str = &record.state.execution_id;
+        let index = *by_execution.entry(id).or_insert_with(|| {
+            chains.push((
+                ChainView {
+                    id,
+                    records: Vec::new(),
+                    snapshots: Vec::new(),
+                    lease: lease
+                        .as_ref()
+                        .map(|(owner, token)| (owner.as_str(), *token)),
+                },
+                Vec::new(),
+            ));
+            chains.len() - 1
+        });
+        let (chain, positions) = &mut chains[index];
+        chain.records.push(record);
+        chain
+            .snapshots
+            .push(snapshot.as_ref().map(|b| b.as_bytes()));
+        positions.push(position);
+    }
+    chains
+}
+
 /// The PostgreSQL batch statement's arrays for the sync path's group commit: one
-/// `(record, snapshot or None, (lease owner, token) or None)` per version, grouped by
-/// execution in first-seen order (an execution's versions must be consecutive in
-/// version order), sorted by execution id. Returns (name -> binary array, has
-/// updates, has creations, has snapshots).
+/// `(record, snapshot or None, (lease owner, token) or None)` per version, chains
+/// in execution-id order. Returns (name -> binary array, has updates, has
+/// creations, has snapshots).
 #[pyfunction]
 #[allow(clippy::type_complexity)]
 pub fn pg_write_parameters<'py>(
@@ -652,26 +714,7 @@ pub fn pg_write_parameters<'py>(
         Option<(String, i64)>,
     )>,
 ) -> PyResult<(Bound<'py, PyDict>, bool, bool, bool)> {
-    let mut by_execution: HashMap<&str, usize> = HashMap::new();
-    let mut chains: Vec<PgChain<'_>> = Vec::new();
-    for (record, snapshot, lease) in &items {
-        let id: &str = &record.state.execution_id;
-        let index = *by_execution.entry(id).or_insert_with(|| {
-            chains.push(PgChain {
-                id,
-                records: Vec::new(),
-                snapshots: Vec::new(),
-                lease: lease
-                    .as_ref()
-                    .map(|(owner, token)| (owner.as_str(), *token)),
-            });
-            chains.len() - 1
-        });
-        chains[index].records.push(record);
-        chains[index]
-            .snapshots
-            .push(snapshot.as_ref().map(|b| b.as_bytes()));
-    }
+    let mut chains: Vec<ChainView<'_>> = item_chains(&items).into_iter().map(|(c, _)| c).collect();
     chains.sort_by(|a, b| a.id.cmp(b.id));
     let has_snapshots = chains
         .iter()
@@ -689,6 +732,37 @@ pub fn pg_write_parameters<'py>(
         parameters.set_item(name, PyBytes::new(py, &bytes))?;
     }
     Ok((parameters, has_updates, has_creations, has_snapshots))
+}
+
+/// The SQLite store's parameters for the sync path's items (as for
+/// `pg_write_parameters`), per chain in first-seen order: `(execution_id, positions
+/// of its items, first base version, executions row, delta rows, snapshot rows)`.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub fn sqlite_write_rows<'py>(
+    py: Python<'py>,
+    items: Vec<(
+        PyRef<'py, PyVersionRecord>,
+        Option<Bound<'py, PyBytes>>,
+        Option<(String, i64)>,
+    )>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    item_chains(&items)
+        .iter()
+        .map(|(chain, positions)| {
+            let (row, deltas, snapshots) = sqlite_chain(py, chain)?;
+            Ok((
+                chain.id,
+                positions.clone(),
+                chain.records[0].base_version,
+                row,
+                deltas,
+                snapshots,
+            )
+                .into_pyobject(py)?
+                .into_any())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -744,13 +818,13 @@ mod tests {
     fn sync_chains_carry_their_lease_and_newest_snapshot() {
         let (a1, a2, b) = (record("a", 4, 5), record("a", 5, 6), record("b", 0, 1));
         let chains = [
-            PgChain {
+            ChainView {
                 id: "a",
                 records: vec![&a1, &a2],
                 snapshots: vec![Some(&b"s5"[..]), None],
                 lease: Some(("owner", 7)),
             },
-            PgChain {
+            ChainView {
                 id: "b",
                 records: vec![&b],
                 snapshots: vec![None],

@@ -26,7 +26,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[pymodule(gil_used = false)]
 mod _core {
     #[pymodule_export]
-    use crate::batch::{pg_write_parameters, PyRecordBatch};
+    use crate::batch::{pg_write_parameters, sqlite_write_rows, PyRecordBatch};
     #[pymodule_export]
     use crate::py::{
         advance, bind_types, decode_data, decode_history, rebuild, PyCore, PyEventCursor,

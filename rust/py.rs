@@ -1251,24 +1251,60 @@ impl PyVersionRecord {
         Bound<'py, PyAny>,
         Option<Bound<'py, PyAny>>,
     )> {
-        let state = &self.state;
-        let id = &*state.execution_id;
-        let update = (
-            state.version,
-            state.status.as_str(),
-            state.updated_at,
-            if snapshot.is_some() { state.version } else { 0 },
-            id,
-            self.base_version,
-        )
-            .into_pyobject(py)?
-            .into_any();
-        let delta = crate::batch::sqlite_delta_row(py, self)?;
-        let snapshot = match snapshot {
-            Some(bytes) => Some((id, state.version, bytes).into_pyobject(py)?.into_any()),
-            None => None,
+        let view = crate::batch::ChainView {
+            id: &self.state.execution_id,
+            records: vec![self],
+            snapshots: vec![snapshot.as_ref().map(|b| b.as_bytes())],
+            lease: None,
         };
-        Ok((update, delta, snapshot))
+        let (update, mut deltas, mut snapshots) = crate::batch::sqlite_chain(py, &view)?;
+        Ok((update, deltas.remove(0), snapshots.pop()))
+    }
+
+    /// The PostgreSQL store's one-version write parameters, in libpq's formats (text,
+    /// and bytea as binary; None is NULL), by name: `id`, `base`, `version`,
+    /// `status`, `updated`, `actor`, `mask`, `nodes` (an array literal), `data`,
+    /// `lease_owner`, `lease_token`, `snapshot`, and for a creation `workflow`,
+    /// `created`, `forked_id`, `forked_version`.
+    fn pg_parameters<'py>(
+        &self,
+        py: Python<'py>,
+        snapshot: Option<Bound<'py, PyBytes>>,
+        lease: Option<(String, i64)>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let state = &self.state;
+        let text = |value: &str| PyBytes::new(py, value.as_bytes());
+        let number = |value: i128| PyBytes::new(py, value.to_string().as_bytes());
+        let parameters = PyDict::new(py);
+        parameters.set_item("id", text(&state.execution_id))?;
+        parameters.set_item("base", number(self.base_version.into()))?;
+        parameters.set_item("version", number(state.version.into()))?;
+        parameters.set_item("status", text(state.status.as_str()))?;
+        parameters.set_item("updated", number(state.updated_at.into()))?;
+        parameters.set_item("actor", self.actor.as_deref().map(text))?;
+        let mask = crate::batch::event_mask(&self.event_types);
+        parameters.set_item("mask", number(mask.into()))?;
+        let nodes = crate::batch::text_array_literal(&self.node_ids);
+        parameters.set_item("nodes", text(&nodes))?;
+        parameters.set_item("data", PyBytes::new(py, &self.delta))?;
+        let (owner, token) = match &lease {
+            Some((owner, token)) => (Some(text(owner)), Some(number((*token).into()))),
+            None => (None, None),
+        };
+        parameters.set_item("lease_owner", owner)?;
+        parameters.set_item("lease_token", token)?;
+        parameters.set_item("snapshot", snapshot)?;
+        if self.base_version == 0 {
+            parameters.set_item("workflow", text(&state.workflow_id))?;
+            parameters.set_item("created", number(state.created_at.into()))?;
+            let (forked_id, forked_version) = match &state.forked_from {
+                Some((id, version)) => (Some(text(id)), Some(number((*version).into()))),
+                None => (None, None),
+            };
+            parameters.set_item("forked_id", forked_id)?;
+            parameters.set_item("forked_version", forked_version)?;
+        }
+        Ok(parameters)
     }
 
     /// The state after this version as snapshot bytes (encoded on each call).

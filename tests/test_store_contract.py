@@ -836,3 +836,32 @@ def test_conflict_with_carries_deltas_only_for_a_store_ahead() -> None:
         assert type(outcome) is ConflictError
     # Deltas that do not cover expected+1..actual exactly: reload instead.
     assert type(conflict_with("e", 1, 3, [delta])) is ConflictError
+
+
+def test_sync_writes_store_the_columns_the_core_computed(store: Store, store_url: str) -> None:
+    """The sync paths (one version alone, and several executions in one call as group
+    commit sends them, chains and creations included) store what the core computed:
+    deltas, snapshots, event masks and node ids with quotes and backslashes."""
+    recorder = Recorder()
+    records = [recorder.create("s1"), recorder.create("s2")]
+    assert store.write([WriteItem(record) for record in records]) == [None, None]
+    for version in range(2, 6):
+        nodes = {f"n{version}": "running", f'q"\\{version}': "pending"}
+        alone = recorder.update("s1", {"nodes": nodes}, actor=f"a{version}")
+        first = recorder.update("s2", {"variables": {"v": version}})
+        second = recorder.update("s2", {"nodes": nodes})
+        snapshot = second.snapshot() if version == 4 else None
+        assert store.write([WriteItem(alone)]) == [None]
+        assert store.write([WriteItem(first), WriteItem(second, snapshot)]) == [None, None]
+        records += [alone, first, second]
+    for execution_id in ("s1", "s2"):
+        mine = [r for r in records if r.execution_id == execution_id]
+        assert [
+            (v, at_us, actor, delta) for v, at_us, actor, delta in store.read_deltas(execution_id)
+        ] == [(r.version, r.updated_at_us, r.actor, r.delta) for r in mine]
+        assert loaded(store, execution_id) == replayed(store, execution_id) == mine[-1].state
+    found = store.load("s2")
+    assert found is not None
+    assert found.snapshot_version == 7
+    if not store_url.startswith("memory:"):
+        assert stored_columns(store_url) == expected_columns(records)

@@ -23,6 +23,7 @@ __all__ = [
     "decode_history",
     "pg_write_parameters",
     "rebuild",
+    "sqlite_write_rows",
 ]
 
 @final
@@ -155,6 +156,9 @@ class VersionRecord:
     @property
     def state(self) -> WorkflowState: ...
     def snapshot(self) -> bytes: ...
+    def pg_parameters(
+        self, snapshot: bytes | None, lease: tuple[str, int] | None
+    ) -> dict[str, bytes | None]: ...
     def sqlite_update_rows(
         self, snapshot: bytes | None
     ) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, int, bytes] | None]: ...
@@ -342,6 +346,11 @@ def rebuild(
 def pg_write_parameters(
     items: Sequence[tuple[VersionRecord, bytes | None, tuple[str, int] | None]],
 ) -> tuple[dict[str, bytes], bool, bool, bool]: ...
+def sqlite_write_rows(
+    items: Sequence[tuple[VersionRecord, bytes | None, tuple[str, int] | None]],
+) -> list[
+    tuple[str, list[int], int, tuple[Any, ...], list[tuple[Any, ...]], list[tuple[str, int, bytes]]]
+]: ...
 def advance(state: WorkflowState, deltas: Sequence[tuple[int, int, bytes]]) -> WorkflowState: ...
 def decode_history(
     execution_id: str,

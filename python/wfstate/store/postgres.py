@@ -222,23 +222,6 @@ def _findable(text: str) -> bool:
     return True
 
 
-def _text_array_literal(values: Sequence[str]) -> str:
-    """One row's ``node_ids`` as a PostgreSQL array literal, cast with ``::text[]``.
-
-    ``unnest`` of a 2-D array flattens it (and 2-D arrays must be rectangular), so each
-    row's array travels as the text of its literal in a 1-D ``text[]``. Every element is
-    double-quoted, with backslash and double quote escaped: array_in then takes any
-    string verbatim.
-    """
-    if not values:
-        return "{}"
-    return (
-        '{"'
-        + '","'.join(value.replace("\\", "\\\\").replace('"', '\\"') for value in values)
-        + '"}'
-    )
-
-
 class _TextArray(list[Any]):
     """A list of str (or None) bound as ``text[]``."""
 
@@ -468,33 +451,12 @@ class _Batch:
 
     def _one(self, item: WriteItem) -> None:
         """The one-version write's parameters, already in libpq's formats (text, and
-        bytea as binary) for ``PostgresStore._execute_one``; None is NULL."""
+        bytea as binary) for ``PostgresStore._execute_one``; None is NULL (made by
+        the core: ``VersionRecord.pg_parameters``)."""
         record = item.record
         creation = record.base_version == 0
         self.shape = _WriteShape(True, not creation, creation, item.snapshot is not None)
-        actor = record.actor
-        lease = item.lease
-        parameters: dict[str, bytes | None] = {
-            "id": record.execution_id.encode(),
-            "base": b"%d" % record.base_version,
-            "version": b"%d" % record.version,
-            "status": record.status.encode(),
-            "updated": b"%d" % record.updated_at_us,
-            "actor": None if actor is None else actor.encode(),
-            "mask": b"%d" % record.event_mask,
-            "nodes": _text_array_literal(record.node_ids).encode(),
-            "data": record.delta,
-            "lease_owner": None if lease is None else lease[0].encode(),
-            "lease_token": None if lease is None else b"%d" % lease[1],
-            "snapshot": item.snapshot,
-        }
-        if creation:
-            forked_from = record.forked_from
-            parameters["workflow"] = record.workflow_id.encode()
-            parameters["created"] = b"%d" % record.created_at_us
-            parameters["forked_id"] = None if forked_from is None else forked_from[0].encode()
-            parameters["forked_version"] = None if forked_from is None else b"%d" % forked_from[1]
-        self.parameters = parameters
+        self.parameters = record.pg_parameters(item.snapshot, item.lease)
 
     def _many(self, items: Sequence[WriteItem]) -> None:
         """The arrays, encoded in Rust (``_core.pg_write_parameters``, the encoder of

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 
+from wfstate import _core
 from wfstate._core import RecordBatch
 from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
@@ -291,72 +292,15 @@ class _Chain:
     lease: tuple[str, int] | None
 
 
-def _node_ids_json(node_ids: list[str]) -> str:
-    # Most versions touch no node or one: skip json.dumps for those (same text).
-    if not node_ids:
-        return "[]"
-    return json.dumps(node_ids)
-
-
 def _chains(items: Sequence[WriteItem]) -> list[_Chain]:
-    """Group a batch by execution and compute every parameter before the lock is taken."""
-    positions_by_execution: dict[str, list[int]] = {}
-    for position, item in enumerate(items):
-        positions_by_execution.setdefault(item.record.execution_id, []).append(position)
-    chains: list[_Chain] = []
-    for execution_id, positions in positions_by_execution.items():
-        first = items[positions[0]].record
-        last = items[positions[-1]].record
-        lease = items[positions[0]].lease
-        lease_owner, lease_token = lease or (None, None)
-        deltas: list[tuple[Any, ...]] = []
-        snapshots: list[tuple[str, int, bytes]] = []
-        for position in positions:
-            item = items[position]
-            record = item.record
-            deltas.append(
-                (
-                    execution_id,
-                    record.version,
-                    record.updated_at_us,
-                    record.actor,
-                    record.event_mask,
-                    _node_ids_json(record.node_ids),
-                    record.delta,
-                    lease_owner,
-                    lease_token,
-                )
-            )
-            if item.snapshot is not None:
-                snapshots.append((execution_id, record.version, item.snapshot))
-        snapshot_version = max((version for _, version, _ in snapshots), default=0)
-        row: tuple[Any, ...]
-        if first.base_version == 0:
-            forked_from_id, forked_from_version = first.forked_from or (None, None)
-            row = (
-                execution_id,
-                first.workflow_id,
-                last.status,
-                last.version,
-                first.created_at_us,
-                last.updated_at_us,
-                snapshot_version,
-                forked_from_id,
-                forked_from_version,
-            )
-        else:
-            row = (
-                last.version,
-                last.status,
-                last.updated_at_us,
-                snapshot_version,
-                execution_id,
-                first.base_version,
-            )
-        chains.append(
-            _Chain(execution_id, positions, first.base_version, row, deltas, snapshots, lease)
+    """Group a batch by execution and compute every parameter before the lock is taken
+    (in Rust: ``_core.sqlite_write_rows``, the builder of the write-behind's rows too)."""
+    return [
+        _Chain(execution_id, positions, base, row, deltas, snapshots, items[positions[0]].lease)
+        for execution_id, positions, base, row, deltas, snapshots in _core.sqlite_write_rows(
+            [(item.record, item.snapshot, item.lease) for item in items]
         )
-    return chains
+    ]
 
 
 def _conflict(
