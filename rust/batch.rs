@@ -69,9 +69,9 @@ fn sqlite_delta_row<'py>(
 }
 
 /// One chain's SQLite parameters: the executions row (INSERT parameters for a
-/// creation, else the UPDATE's: last version, status and time, the newest snapshot's
-/// version or 0 to keep the stored one, id, first base), the delta rows and the
-/// snapshot rows.
+/// creation, else the UPDATE's: last version, status (only when a version of the
+/// chain changed it) and time, the newest snapshot's version or 0 to keep the stored
+/// one, id, first base), the delta rows and the snapshot rows.
 #[allow(clippy::type_complexity)]
 pub(crate) fn sqlite_chain<'py>(
     py: Python<'py>,
@@ -116,10 +116,27 @@ pub(crate) fn sqlite_chain<'py>(
         )
             .into_pyobject(py)?
             .into_any()
-    } else {
+    } else if chain
+        .records
+        .iter()
+        .any(|r| r.event_types.contains(&EventKind::StatusChange))
+    {
         (
             last.state.version,
             last.state.status.as_str(),
+            last.state.updated_at,
+            snapshot_version,
+            id,
+            first.base_version,
+        )
+            .into_pyobject(py)?
+            .into_any()
+    } else {
+        // The status is the stored one: leaving it out of the UPDATE spares SQLite
+        // the rewrite of its index entry (SQLite updates every index on a column
+        // the SET names, changed or not).
+        (
+            last.state.version,
             last.state.updated_at,
             snapshot_version,
             id,

@@ -865,3 +865,43 @@ def test_sync_writes_store_the_columns_the_core_computed(store: Store, store_url
     assert found.snapshot_version == 7
     if not store_url.startswith("memory:"):
         assert stored_columns(store_url) == expected_columns(records)
+
+
+def test_a_sqlite_store_of_schema_2_is_migrated_with_its_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema 3 swaps the executions' (status, updated_at_us) index for (status): a
+    file written by the schema-2 code opens, migrates, keeps its data and writes on."""
+    from wfstate.store import sqlite as sqlite_store
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    recorder = Recorder()
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_store, "_MIGRATIONS", sqlite_store._MIGRATIONS[:2])
+        patch.setattr(sqlite_store, "SCHEMA_VERSION", 2)
+        old = open_store(url)
+        assert old.schema_version() == 2
+        assert old.write([WriteItem(recorder.create("e1"))]) == [None]
+        old.close()
+    store = open_store(url)
+    try:
+        assert store.schema_version() == 3
+        with sqlite3.connect(tmp_path / "old.db") as connection:
+            indexes = {
+                name
+                for (name,) in connection.execute(
+                    "SELECT name FROM sqlite_master WHERE tbl_name = 'wfstate_executions'"
+                    " AND type = 'index' AND sql IS NOT NULL"
+                )
+            }
+        assert "wfstate_executions_status" in indexes
+        assert "wfstate_executions_status_updated" not in indexes
+        assert store.list_execution_ids(statuses=["running"]) == ["e1"]
+        update = recorder.update("e1", {"status": "suspended"})
+        assert store.write([WriteItem(update)]) == [None]
+        assert store.write([WriteItem(recorder.update("e1", {"variables": {"x": 1}}))]) == [None]
+        assert store.list_execution_ids(statuses=["suspended"]) == ["e1"]
+        assert store.list_execution_ids(statuses=["running"]) == []
+        assert loaded(store, "e1") == replayed(store, "e1")
+    finally:
+        store.close()
