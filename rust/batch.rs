@@ -433,8 +433,9 @@ impl PyRecordBatch {
     }
 
     /// The SQLite store's rows, per chain in `chains()` order: `(execution_id, base
-    /// version, executions row (INSERT parameters for a creation, else UPDATE ones),
-    /// delta rows, snapshot rows)`, and the snapshot sizes.
+    /// version, executions row (INSERT parameters for a creation, else UPDATE ones:
+    /// 6 values, or 5 without the status when no version changed it; see
+    /// `sqlite_chain`), delta rows, snapshot rows)`, and the snapshot sizes.
     #[allow(clippy::type_complexity)]
     fn sqlite_rows<'py>(
         &self,

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyType};
 
@@ -1251,6 +1252,11 @@ impl PyVersionRecord {
         Bound<'py, PyAny>,
         Option<Bound<'py, PyAny>>,
     )> {
+        if self.base_version == 0 {
+            return Err(PyValueError::new_err(
+                "sqlite_update_rows: a creation is written with its INSERT row (sqlite_write_rows)",
+            ));
+        }
         let view = crate::batch::ChainView {
             id: &self.state.execution_id,
             records: vec![self],

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::PyBytes;
 
 use crate::codec;
 use crate::model::ExecStatus;
@@ -246,7 +246,6 @@ impl PySnapshotTracker {
         let mut sizes = Vec::new();
         for row in newer.try_iter()? {
             let row = row?;
-            let row = row.cast::<PyTuple>()?;
             sizes.push((
                 row.get_item(0)?.extract::<u64>()?,
                 row.get_item(3)?.len()? as u64,

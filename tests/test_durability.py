@@ -990,6 +990,20 @@ def test_bad_options_are_validation_errors(options: dict[str, Any], tmp_path: Pa
         StateManager.open(f"sqlite:///{tmp_path}/x.db", **options)
 
 
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"every_versions": 0},
+        {"every_versions": 2.5},
+        {"when_deltas_outweigh": 0},
+        {"at_final_status": "yes"},
+    ],
+)
+def test_bad_snapshot_policies_are_validation_errors(rules: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match=next(iter(rules))):
+        SnapshotPolicy(**rules)
+
+
 def test_database_url_environment_variable_is_honoured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -905,3 +905,31 @@ def test_a_sqlite_store_of_schema_2_is_migrated_with_its_data(
         assert loaded(store, "e1") == replayed(store, "e1")
     finally:
         store.close()
+
+
+def test_the_stored_status_is_the_last_version_s_on_every_write_path(store: Store) -> None:
+    """A write whose last version leaves the status as an earlier version of the same
+    write set it still stores that status (SQLite leaves the status out of its UPDATE
+    only when no version of the chain changed it): one version alone, a chain in one
+    ``write`` (group commit) and a write-behind batch."""
+    recorder = Recorder()
+    written(store, [recorder.create(execution_id) for execution_id in ("one", "chain", "kept")])
+    assert store.write([WriteItem(recorder.update("one", {"status": "suspended"}))]) == [None]
+    assert store.write([WriteItem(recorder.update("one", {"variables": {"x": 1}}))]) == [None]
+    chain = [
+        recorder.update("chain", {"status": "suspended"}),
+        recorder.update("chain", {"variables": {"x": 1}}),
+    ]
+    kept = recorder.update("kept", {"variables": {"x": 1}})
+    assert store.write([*(WriteItem(r) for r in chain), WriteItem(kept)]) == [None] * 3
+    core = _core.Core()
+    cursor = core.open_cursor(durable=True)
+    core.create("behind", "wf", None, None, None)
+    assert store.write_batch(cursor.read_batch(10, timeout=0), [False]) == ({}, [0])
+    core.apply("behind", {"status": "suspended"}, None, None)
+    core.apply("behind", {"variables": {"x": 1}}, None, None)
+    assert store.write_batch(cursor.read_batch(10, timeout=0), [False]) == ({}, [0])
+    assert store.list_execution_ids(statuses=["suspended"]) == ["one", "chain", "behind"]
+    assert store.list_execution_ids(statuses=["running"]) == ["kept"]
+    for execution_id in ("one", "chain", "kept", "behind"):
+        assert loaded(store, execution_id) == replayed(store, execution_id)

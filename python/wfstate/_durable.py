@@ -73,6 +73,9 @@ class SnapshotPolicy:
     at_final_status: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("when_deltas_outweigh", "at_final_status"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValidationError(f"{name} must be a bool, not {getattr(self, name)!r}")
         if self.every_versions is not None and (
             not isinstance(self.every_versions, int) or self.every_versions < 1
         ):

@@ -162,8 +162,8 @@ _MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
         # ones from this index and filter them on the time.
         3,
         (
-            "DROP INDEX wfstate_executions_status_updated",
-            "CREATE INDEX wfstate_executions_status ON wfstate_executions (status)",
+            "DROP INDEX IF EXISTS wfstate_executions_status_updated",
+            "CREATE INDEX IF NOT EXISTS wfstate_executions_status ON wfstate_executions (status)",
         ),
     ),
 )
@@ -304,7 +304,8 @@ class _Chain:
     execution_id: str
     positions: list[int]
     base_version: int
-    #: The executions row: INSERT parameters for a creation, UPDATE ones otherwise.
+    #: The executions row: INSERT parameters for a creation, UPDATE ones otherwise
+    #: (with the status, or 5 values without it: ``_update_statement``).
     row: tuple[Any, ...]
     deltas: list[tuple[Any, ...]]
     snapshots: list[tuple[str, int, bytes]]
