@@ -6,10 +6,13 @@ assertion holds whatever the interleaving was.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -20,6 +23,8 @@ from wfstate import (
     StateManager,
     WorkflowState,
 )
+from wfstate._durable import GroupCommitter
+from wfstate.store.base import Store, WriteItem
 
 T = TypeVar("T")
 
@@ -224,3 +229,80 @@ def test_reads_during_writes_see_whole_updates(manager: StateManager) -> None:
     results = run_together(4, task)
     assert results[0] == writes
     assert manager.get_state("pair").version == writes + 1
+
+
+class _Interrupted(Exception):
+    """What the test's signal handler raises in the main thread."""
+
+
+class _HeldStore:
+    """A store whose first write blocks until ``release`` is set (only ``write``)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.written: list[object] = []
+
+    def write(self, items: Sequence[object]) -> list[None]:
+        self.entered.set()
+        self.release.wait(timeout=30)
+        self.written.extend(items)
+        return [None] * len(items)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
+def test_a_group_commit_waiter_interrupted_by_a_signal_still_does_its_part() -> None:
+    """A caller blocked in group commit whose wait a signal handler interrupts (as
+    KeyboardInterrupt does in the main thread) keeps its place: it takes the lead
+    handed to it and writes the callers queued behind it, then raises. Before, it
+    left at once, the lead handed to it was lost and every later caller waited
+    forever."""
+    store = _HeldStore()
+    committer = GroupCommitter(cast(Store, store), max_batch=100)
+    outcomes: dict[str, object] = {}
+
+    def commit(name: str) -> None:
+        outcomes[name] = committer.commit([cast(WriteItem, name)])
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    def conduct() -> None:
+        # The main thread queues first (behind the writer), then "behind" queues
+        # after it; the signal interrupts the main thread's wait; then the first
+        # write ends and hands the lead to the main thread.
+        deadline = time.monotonic() + 30
+        while len(committer._queue) < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        behind.start()
+        while len(committer._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)  # the main thread is blocked in its wait by now
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        store.release.set()
+
+    # Daemons: a regression leaves "behind" blocked for good, and must not keep the
+    # test process alive.
+    writer = threading.Thread(target=commit, args=("first",), daemon=True)
+    behind = threading.Thread(target=commit, args=("behind",), daemon=True)
+    conductor = threading.Thread(target=conduct, daemon=True)
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        writer.start()
+        assert store.entered.wait(timeout=30)
+        conductor.start()
+        with pytest.raises(_Interrupted):
+            commit("main")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        store.release.set()
+    for thread in (writer, conductor, behind):
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    # The main thread's write was done before it raised, and so was the one queued
+    # behind it; the committer still works.
+    assert store.written == ["first", "main", "behind"]
+    assert outcomes == {"first": [None], "behind": [None]}
+    commit("after")
+    assert outcomes["after"] == [None]

@@ -111,6 +111,24 @@ class _Pending:
             self.wake.release()
 
 
+def _wait_through(wake: threading.Lock) -> BaseException | None:
+    """Block until ``wake`` is released, through exceptions that signal handlers raise
+    meanwhile (KeyboardInterrupt in the main thread); return the first of them.
+
+    A group-commit caller cannot give up its wait halfway: the lead may be handed to
+    it, and without a leader every later caller would wait forever.
+    """
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            wake.acquire()
+        except BaseException as error:  # re-raised by the caller, once its part is done
+            if interrupted is None:
+                interrupted = error
+        else:
+            return interrupted
+
+
 class GroupCommitter:
     """Sync writes of many threads, committed together (see the module docs)."""
 
@@ -153,13 +171,18 @@ class GroupCommitter:
             else:
                 pending.wake = threading.Lock()
                 pending.wake.acquire()
+        interrupted: BaseException | None = None
         if not lead:
             assert pending.wake is not None
             # Released once: when our items are written, or to hand us the lead (then
             # our items head the queue).
-            pending.wake.acquire()
+            interrupted = _wait_through(pending.wake)
         if not pending.finished:
             self._lead()
+        if interrupted is not None:
+            # Raised once this caller's part is done; its items may be stored (as
+            # after a lost reply: the next write of the execution catches up).
+            raise interrupted
         if pending.error is not None:
             raise pending.error
         return pending.outcomes
