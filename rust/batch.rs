@@ -243,6 +243,21 @@ fn int(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// The positions of `ids` grouped by id, the groups in first-seen order (a batch's
+/// versions of one execution come in version order, so each group is a chain).
+fn group_positions<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<(&'a str, Vec<usize>)> {
+    let mut by_id: HashMap<&str, usize> = HashMap::new();
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (position, id) in ids.enumerate() {
+        let group = *by_id.entry(id).or_insert_with(|| {
+            groups.push((id, Vec::new()));
+            groups.len() - 1
+        });
+        groups[group].1.push(position);
+    }
+    groups
+}
+
 /// One execution's versions in a batch, in version order.
 struct Chain {
     execution_id: Arc<str>,
@@ -259,21 +274,13 @@ pub struct PyRecordBatch {
 
 impl PyRecordBatch {
     pub fn new(records: Vec<PyVersionRecord>, dropped: usize) -> Self {
-        let mut chains: Vec<Chain> = Vec::new();
-        let mut by_execution: HashMap<Arc<str>, usize> = HashMap::new();
-        for (position, record) in records.iter().enumerate() {
-            let id = &record.state.execution_id;
-            match by_execution.get(id) {
-                Some(&chain) => chains[chain].records.push(position),
-                None => {
-                    by_execution.insert(id.clone(), chains.len());
-                    chains.push(Chain {
-                        execution_id: id.clone(),
-                        records: vec![position],
-                    });
-                }
-            }
-        }
+        let chains = group_positions(records.iter().map(|r| &*r.state.execution_id))
+            .into_iter()
+            .map(|(_, positions)| Chain {
+                execution_id: records[positions[0]].state.execution_id.clone(),
+                records: positions,
+            })
+            .collect();
         PyRecordBatch {
             records,
             chains,
@@ -402,16 +409,7 @@ impl PyRecordBatch {
         self.check_flags(&snapshot)?;
         let snapshots = self.snapshots(py, &snapshot);
         let arrays = py.detach(|| self.encode_pg(&snapshots));
-        let parameters = PyDict::new(py);
-        let has_updates = arrays
-            .iter()
-            .any(|(name, count, _)| *name == "u_id" && *count > 0);
-        let has_creations = arrays
-            .iter()
-            .any(|(name, count, _)| *name == "c_id" && *count > 0);
-        for (name, _, bytes) in arrays {
-            parameters.set_item(name, PyBytes::new(py, &bytes))?;
-        }
+        let (parameters, has_updates, has_creations) = pg_parameter_dict(py, arrays)?;
         let sizes = snapshots
             .iter()
             .map(|s| s.as_ref().map_or(0, Vec::len))
@@ -679,58 +677,68 @@ pub(crate) fn encode_pg_chains(chains: &[ChainView<'_>]) -> Vec<(&'static str, u
     ]
 }
 
-/// The sync path's items, `(record, snapshot or None, (lease owner, token) or None)`,
-/// as chains: grouped by execution in first-seen order (an execution's items must
-/// be consecutive versions), each with the positions of its items.
-#[allow(clippy::type_complexity)]
-fn item_chains<'a>(
-    items: &'a [(
-        PyRef<'a, PyVersionRecord>,
-        Option<Bound<'a, PyBytes>>,
-        Option<(String, i64)>,
-    )],
-) -> Vec<(ChainView<'a>, Vec<usize>)> {
-    let mut by_execution: HashMap<&str, usize> = HashMap::new();
-    let mut chains: Vec<(ChainView<'a>, Vec<usize>)> = Vec::new();
-    for (position, (record, snapshot, lease)) in items.iter().enumerate() {
-        let id: &str = &record.state.execution_id;
-        let index = *by_execution.entry(id).or_insert_with(|| {
-            chains.push((
-                ChainView {
-                    id,
-                    records: Vec::new(),
-                    snapshots: Vec::new(),
-                    lease: lease
-                        .as_ref()
-                        .map(|(owner, token)| (owner.as_str(), *token)),
-                },
-                Vec::new(),
-            ));
-            chains.len() - 1
-        });
-        let (chain, positions) = &mut chains[index];
-        chain.records.push(record);
-        chain
-            .snapshots
-            .push(snapshot.as_ref().map(|b| b.as_bytes()));
-        positions.push(position);
+/// The statement's arrays as its parameters (name -> binary array), and whether it
+/// has updates and creations.
+fn pg_parameter_dict<'py>(
+    py: Python<'py>,
+    arrays: Vec<(&'static str, usize, Vec<u8>)>,
+) -> PyResult<(Bound<'py, PyDict>, bool, bool)> {
+    let has = |wanted: &str| {
+        arrays
+            .iter()
+            .any(|(name, count, _)| *name == wanted && *count > 0)
+    };
+    let (has_updates, has_creations) = (has("u_id"), has("c_id"));
+    let parameters = PyDict::new(py);
+    for (name, _, bytes) in arrays {
+        parameters.set_item(name, PyBytes::new(py, &bytes))?;
     }
-    chains
+    Ok((parameters, has_updates, has_creations))
 }
 
-/// The PostgreSQL batch statement's arrays for the sync path's group commit: one
-/// `(record, snapshot or None, (lease owner, token) or None)` per version, chains
+/// One version of the sync path: `(record, snapshot or None, (lease owner, token) or
+/// None)`.
+type SyncItem<'py> = (
+    PyRef<'py, PyVersionRecord>,
+    Option<Bound<'py, PyBytes>>,
+    Option<(String, i64)>,
+);
+
+/// The sync path's items as chains: grouped by execution in first-seen order (an
+/// execution's items must be consecutive versions), each with the positions of its
+/// items and the lease of its first.
+fn item_chains<'a>(items: &'a [SyncItem<'a>]) -> Vec<(ChainView<'a>, Vec<usize>)> {
+    group_positions(
+        items
+            .iter()
+            .map(|(record, _, _)| &*record.state.execution_id),
+    )
+    .into_iter()
+    .map(|(id, positions)| {
+        let chain = ChainView {
+            id,
+            records: positions.iter().map(|p| &*items[*p].0).collect(),
+            snapshots: positions
+                .iter()
+                .map(|p| items[*p].1.as_ref().map(|b| b.as_bytes()))
+                .collect(),
+            lease: items[positions[0]]
+                .2
+                .as_ref()
+                .map(|(owner, token)| (owner.as_str(), *token)),
+        };
+        (chain, positions)
+    })
+    .collect()
+}
+
+/// The PostgreSQL batch statement's arrays for the sync path's group commit, chains
 /// in execution-id order. Returns (name -> binary array, has updates, has
 /// creations, has snapshots).
 #[pyfunction]
-#[allow(clippy::type_complexity)]
 pub fn pg_write_parameters<'py>(
     py: Python<'py>,
-    items: Vec<(
-        PyRef<'py, PyVersionRecord>,
-        Option<Bound<'py, PyBytes>>,
-        Option<(String, i64)>,
-    )>,
+    items: Vec<SyncItem<'py>>,
 ) -> PyResult<(Bound<'py, PyDict>, bool, bool, bool)> {
     let mut chains: Vec<ChainView<'_>> = item_chains(&items).into_iter().map(|(c, _)| c).collect();
     chains.sort_by(|a, b| a.id.cmp(b.id));
@@ -738,32 +746,18 @@ pub fn pg_write_parameters<'py>(
         .iter()
         .flat_map(|c| &c.snapshots)
         .any(Option::is_some);
-    let arrays = encode_pg_chains(&chains);
-    let count = |wanted: &str| {
-        arrays
-            .iter()
-            .any(|(name, count, _)| *name == wanted && *count > 0)
-    };
-    let (has_updates, has_creations) = (count("u_id"), count("c_id"));
-    let parameters = PyDict::new(py);
-    for (name, _, bytes) in arrays {
-        parameters.set_item(name, PyBytes::new(py, &bytes))?;
-    }
+    let (parameters, has_updates, has_creations) =
+        pg_parameter_dict(py, encode_pg_chains(&chains))?;
     Ok((parameters, has_updates, has_creations, has_snapshots))
 }
 
-/// The SQLite store's parameters for the sync path's items (as for
-/// `pg_write_parameters`), per chain in first-seen order: `(execution_id, positions
-/// of its items, first base version, executions row, delta rows, snapshot rows)`.
+/// The SQLite store's parameters for the sync path's items, per chain in first-seen
+/// order: `(execution_id, positions of its items, first base version, executions
+/// row, delta rows, snapshot rows)`.
 #[pyfunction]
-#[allow(clippy::type_complexity)]
 pub fn sqlite_write_rows<'py>(
     py: Python<'py>,
-    items: Vec<(
-        PyRef<'py, PyVersionRecord>,
-        Option<Bound<'py, PyBytes>>,
-        Option<(String, i64)>,
-    )>,
+    items: Vec<SyncItem<'py>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     item_chains(&items)
         .iter()

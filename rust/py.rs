@@ -1239,9 +1239,9 @@ impl PyVersionRecord {
     }
 
     /// The SQLite store's parameters for this version of an existing execution,
-    /// written without a lease (the sync path of one writer): the UPDATE of the
-    /// execution's row (`snapshot_version` is this version when `snapshot` is given,
-    /// else 0: keep), the delta row, and the snapshot row or None.
+    /// written without a lease (the sync path of one writer), as for a chain of one
+    /// (`sqlite_write_rows`): the UPDATE of the execution's row, the delta rows and
+    /// the snapshot rows.
     #[allow(clippy::type_complexity)]
     fn sqlite_update_rows<'py>(
         &self,
@@ -1249,8 +1249,8 @@ impl PyVersionRecord {
         snapshot: Option<Bound<'py, PyBytes>>,
     ) -> PyResult<(
         Bound<'py, PyAny>,
-        Bound<'py, PyAny>,
-        Option<Bound<'py, PyAny>>,
+        Vec<Bound<'py, PyAny>>,
+        Vec<Bound<'py, PyAny>>,
     )> {
         if self.base_version == 0 {
             return Err(PyValueError::new_err(
@@ -1263,8 +1263,7 @@ impl PyVersionRecord {
             snapshots: vec![snapshot.as_ref().map(|b| b.as_bytes())],
             lease: None,
         };
-        let (update, mut deltas, mut snapshots) = crate::batch::sqlite_chain(py, &view)?;
-        Ok((update, deltas.remove(0), snapshots.pop()))
+        crate::batch::sqlite_chain(py, &view)
     }
 
     /// The PostgreSQL store's one-version write parameters, in libpq's formats (text,
