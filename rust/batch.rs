@@ -43,35 +43,180 @@ pub fn event_bit(kind: EventKind) -> u32 {
     1 << position
 }
 
-/// The SQLite store's `wfstate_deltas` row of one version: `(execution_id, version,
-/// recorded_at_us, actor, event_mask, node_ids (JSON), data, lease_owner,
-/// lease_token)`.
-fn sqlite_delta_row<'py>(
-    py: Python<'py>,
-    record: &PyVersionRecord,
-    lease: Option<(&str, i64)>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let node_ids: Vec<&str> = record.node_ids.iter().map(|n| &**n).collect();
-    let node_ids = serde_json::to_string(&node_ids).expect("strings serialize");
-    Ok((
-        &*record.state.execution_id,
-        record.state.version,
-        record.state.updated_at,
-        record.actor.as_deref(),
-        event_mask(&record.event_types),
-        node_ids,
-        PyBytes::new(py, &record.delta),
-        lease.map(|(owner, _)| owner),
-        lease.map(|(_, token)| token),
-    )
-        .into_pyobject(py)?
-        .into_any())
+/// A value of a SQLite statement parameter, borrowed from the versions it encodes:
+/// the native writer binds these, and the Python path gets them as tuples.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum SqlValue<'a> {
+    Null,
+    Int(i64),
+    Text(std::borrow::Cow<'a, str>),
+    Blob(std::borrow::Cow<'a, [u8]>),
+}
+
+impl<'a> SqlValue<'a> {
+    fn text(value: &'a str) -> Self {
+        SqlValue::Text(std::borrow::Cow::Borrowed(value))
+    }
+
+    fn opt_text(value: Option<&'a str>) -> Self {
+        value.map_or(SqlValue::Null, SqlValue::text)
+    }
+
+    fn opt_int(value: Option<i64>) -> Self {
+        value.map_or(SqlValue::Null, SqlValue::Int)
+    }
+
+    /// The same value, owning what it borrowed.
+    pub(crate) fn into_owned(self) -> SqlValue<'static> {
+        match self {
+            SqlValue::Null => SqlValue::Null,
+            SqlValue::Int(n) => SqlValue::Int(n),
+            SqlValue::Text(text) => SqlValue::Text(std::borrow::Cow::Owned(text.into_owned())),
+            SqlValue::Blob(bytes) => SqlValue::Blob(std::borrow::Cow::Owned(bytes.into_owned())),
+        }
+    }
+}
+
+/// Which statement a chain's executions row goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowKind {
+    /// A creation: the INSERT (9 values).
+    Insert,
+    /// The UPDATE with the status (6 values).
+    Update,
+    /// The UPDATE without the status (5 values): no version of the chain changed it.
+    UpdateKeepStatus,
+}
+
+/// One chain's SQLite parameters (see `sqlite_chain_rows`).
+pub(crate) struct SqliteChainRows<'a> {
+    pub kind: RowKind,
+    pub row: Vec<SqlValue<'a>>,
+    pub deltas: Vec<Vec<SqlValue<'a>>>,
+    pub snapshots: Vec<Vec<SqlValue<'a>>>,
+}
+
+impl SqliteChainRows<'_> {
+    /// The same rows, owning what they borrowed (to cross to another thread).
+    pub(crate) fn into_owned(self) -> SqliteChainRows<'static> {
+        let owned = |rows: Vec<Vec<SqlValue<'_>>>| {
+            rows.into_iter()
+                .map(|row| row.into_iter().map(SqlValue::into_owned).collect())
+                .collect()
+        };
+        SqliteChainRows {
+            kind: self.kind,
+            row: self.row.into_iter().map(SqlValue::into_owned).collect(),
+            deltas: owned(self.deltas),
+            snapshots: owned(self.snapshots),
+        }
+    }
 }
 
 /// One chain's SQLite parameters: the executions row (INSERT parameters for a
 /// creation, else the UPDATE's: last version, status (only when a version of the
 /// chain changed it) and time, the newest snapshot's version or 0 to keep the stored
-/// one, id, first base), the delta rows and the snapshot rows.
+/// one, id, first base), the `wfstate_deltas` rows (`execution_id, version,
+/// recorded_at_us, actor, event_mask, node_ids (JSON), data, lease_owner,
+/// lease_token`) and the snapshot rows (`execution_id, version, data`).
+pub(crate) fn sqlite_chain_rows<'a>(chain: &ChainView<'a>) -> SqliteChainRows<'a> {
+    let id = chain.id;
+    let first = chain.records[0];
+    let last = chain.records[chain.records.len() - 1];
+    let mut deltas = Vec::with_capacity(chain.records.len());
+    let mut snapshots = Vec::new();
+    let mut snapshot_version = 0;
+    for (record, snapshot) in chain.records.iter().zip(&chain.snapshots) {
+        let node_ids: Vec<&str> = record.node_ids.iter().map(|n| &**n).collect();
+        let node_ids = serde_json::to_string(&node_ids).expect("strings serialize");
+        deltas.push(vec![
+            SqlValue::text(id),
+            SqlValue::Int(int(record.state.version)),
+            SqlValue::Int(record.state.updated_at),
+            SqlValue::opt_text(record.actor.as_deref()),
+            SqlValue::Int(event_mask(&record.event_types).into()),
+            SqlValue::Text(std::borrow::Cow::Owned(node_ids)),
+            SqlValue::Blob(std::borrow::Cow::Borrowed(&record.delta)),
+            SqlValue::opt_text(chain.lease.map(|(owner, _)| owner)),
+            SqlValue::opt_int(chain.lease.map(|(_, token)| token)),
+        ]);
+        if let Some(bytes) = snapshot {
+            snapshot_version = int(record.state.version);
+            snapshots.push(vec![
+                SqlValue::text(id),
+                SqlValue::Int(snapshot_version),
+                SqlValue::Blob(std::borrow::Cow::Borrowed(bytes)),
+            ]);
+        }
+    }
+    let (kind, row) = if first.base_version == 0 {
+        let (forked_id, forked_version) = match &first.state.forked_from {
+            Some((fid, fv)) => (SqlValue::text(fid), SqlValue::Int(int(*fv))),
+            None => (SqlValue::Null, SqlValue::Null),
+        };
+        let row = vec![
+            SqlValue::text(id),
+            SqlValue::text(&first.state.workflow_id),
+            SqlValue::text(last.state.status.as_str()),
+            SqlValue::Int(int(last.state.version)),
+            SqlValue::Int(first.state.created_at),
+            SqlValue::Int(last.state.updated_at),
+            SqlValue::Int(snapshot_version),
+            forked_id,
+            forked_version,
+        ];
+        (RowKind::Insert, row)
+    } else if chain
+        .records
+        .iter()
+        .any(|r| r.event_types.contains(&EventKind::StatusChange))
+    {
+        let row = vec![
+            SqlValue::Int(int(last.state.version)),
+            SqlValue::text(last.state.status.as_str()),
+            SqlValue::Int(last.state.updated_at),
+            SqlValue::Int(snapshot_version),
+            SqlValue::text(id),
+            SqlValue::Int(int(first.base_version)),
+        ];
+        (RowKind::Update, row)
+    } else {
+        // The status is the stored one: leaving it out of the UPDATE spares SQLite
+        // the rewrite of its index entry (SQLite updates every index on a column
+        // the SET names, changed or not).
+        let row = vec![
+            SqlValue::Int(int(last.state.version)),
+            SqlValue::Int(last.state.updated_at),
+            SqlValue::Int(snapshot_version),
+            SqlValue::text(id),
+            SqlValue::Int(int(first.base_version)),
+        ];
+        (RowKind::UpdateKeepStatus, row)
+    };
+    SqliteChainRows {
+        kind,
+        row,
+        deltas,
+        snapshots,
+    }
+}
+
+/// Parameters as the Python sqlite3 module takes them: a tuple.
+fn sql_tuple<'py>(py: Python<'py>, values: &[SqlValue<'_>]) -> PyResult<Bound<'py, PyAny>> {
+    let items: Vec<Bound<'py, PyAny>> = values
+        .iter()
+        .map(|value| match value {
+            SqlValue::Null => Ok(py.None().into_bound(py)),
+            SqlValue::Int(n) => Ok(n.into_pyobject(py)?.into_any()),
+            SqlValue::Text(text) => Ok(text.as_ref().into_pyobject(py)?.into_any()),
+            SqlValue::Blob(bytes) => Ok(PyBytes::new(py, bytes).into_any()),
+        })
+        .collect::<PyResult<_>>()?;
+    Ok(pyo3::types::PyTuple::new(py, items)?.into_any())
+}
+
+/// `sqlite_chain_rows` as the Python path takes them: `(executions row, delta rows,
+/// snapshot rows)`, each row a tuple.
 #[allow(clippy::type_complexity)]
 pub(crate) fn sqlite_chain<'py>(
     py: Python<'py>,
@@ -81,71 +226,18 @@ pub(crate) fn sqlite_chain<'py>(
     Vec<Bound<'py, PyAny>>,
     Vec<Bound<'py, PyAny>>,
 )> {
-    let id = chain.id;
-    let first = chain.records[0];
-    let last = chain.records[chain.records.len() - 1];
-    let mut deltas = Vec::with_capacity(chain.records.len());
-    let mut snapshots = Vec::new();
-    let mut snapshot_version = 0;
-    for (record, snapshot) in chain.records.iter().zip(&chain.snapshots) {
-        deltas.push(sqlite_delta_row(py, record, chain.lease)?);
-        if let Some(bytes) = snapshot {
-            snapshot_version = record.state.version;
-            snapshots.push(
-                (id, record.state.version, PyBytes::new(py, bytes))
-                    .into_pyobject(py)?
-                    .into_any(),
-            );
-        }
-    }
-    let row: Bound<'py, PyAny> = if first.base_version == 0 {
-        let (forked_id, forked_version) = match &first.state.forked_from {
-            Some((fid, fv)) => (Some(fid.to_string()), Some(*fv)),
-            None => (None, None),
-        };
-        (
-            id,
-            &*first.state.workflow_id,
-            last.state.status.as_str(),
-            last.state.version,
-            first.state.created_at,
-            last.state.updated_at,
-            snapshot_version,
-            forked_id,
-            forked_version,
-        )
-            .into_pyobject(py)?
-            .into_any()
-    } else if chain
-        .records
+    let rows = sqlite_chain_rows(chain);
+    let deltas = rows
+        .deltas
         .iter()
-        .any(|r| r.event_types.contains(&EventKind::StatusChange))
-    {
-        (
-            last.state.version,
-            last.state.status.as_str(),
-            last.state.updated_at,
-            snapshot_version,
-            id,
-            first.base_version,
-        )
-            .into_pyobject(py)?
-            .into_any()
-    } else {
-        // The status is the stored one: leaving it out of the UPDATE spares SQLite
-        // the rewrite of its index entry (SQLite updates every index on a column
-        // the SET names, changed or not).
-        (
-            last.state.version,
-            last.state.updated_at,
-            snapshot_version,
-            id,
-            first.base_version,
-        )
-            .into_pyobject(py)?
-            .into_any()
-    };
-    Ok((row, deltas, snapshots))
+        .map(|row| sql_tuple(py, row))
+        .collect::<PyResult<_>>()?;
+    let snapshots = rows
+        .snapshots
+        .iter()
+        .map(|row| sql_tuple(py, row))
+        .collect::<PyResult<_>>()?;
+    Ok((sql_tuple(py, &rows.row)?, deltas, snapshots))
 }
 
 pub fn event_mask(kinds: &[EventKind]) -> u32 {
@@ -312,6 +404,16 @@ impl PyRecordBatch {
         }
     }
 
+    /// Every chain as the encoders take it, in `chains()` order, with `snapshots`
+    /// (one per chain: see `snapshots`).
+    pub(crate) fn views<'a>(&'a self, snapshots: &'a [Option<Vec<u8>>]) -> Vec<ChainView<'a>> {
+        self.chains
+            .iter()
+            .zip(snapshots)
+            .map(|(chain, snapshot)| self.view(chain, snapshot.as_deref()))
+            .collect()
+    }
+
     /// Chain indices in execution-id order: concurrent batches then lock and insert
     /// rows in one order and cannot deadlock.
     fn sorted_chains(&self) -> Vec<usize> {
@@ -324,7 +426,7 @@ impl PyRecordBatch {
         order
     }
 
-    fn check_flags(&self, snapshot: &[bool]) -> PyResult<()> {
+    pub(crate) fn check_flags(&self, snapshot: &[bool]) -> PyResult<()> {
         if snapshot.len() == self.chains.len() {
             Ok(())
         } else {
@@ -339,7 +441,7 @@ impl PyRecordBatch {
 
     /// The snapshots wanted, encoded (without the GIL): per chain, None or the bytes
     /// of its last state.
-    fn snapshots(&self, py: Python<'_>, snapshot: &[bool]) -> Vec<Option<Vec<u8>>> {
+    pub(crate) fn snapshots(&self, py: Python<'_>, snapshot: &[bool]) -> Vec<Option<Vec<u8>>> {
         py.detach(|| {
             self.chains
                 .iter()
@@ -443,8 +545,7 @@ impl PyRecordBatch {
         self.check_flags(&snapshot)?;
         let snapshots = self.snapshots(py, &snapshot);
         let mut chains = Vec::with_capacity(self.chains.len());
-        for (chain, snapshot) in self.chains.iter().zip(&snapshots) {
-            let view = self.view(chain, snapshot.as_deref());
+        for view in self.views(&snapshots) {
             let (row, deltas, snapshots) = sqlite_chain(py, &view)?;
             let (id, base) = (view.id, view.records[0].base_version);
             chains.push(
@@ -698,7 +799,7 @@ fn pg_parameter_dict<'py>(
 
 /// One version of the sync path: `(record, snapshot or None, (lease owner, token) or
 /// None)`.
-type SyncItem<'py> = (
+pub(crate) type SyncItem<'py> = (
     PyRef<'py, PyVersionRecord>,
     Option<Bound<'py, PyBytes>>,
     Option<(String, i64)>,
@@ -707,7 +808,7 @@ type SyncItem<'py> = (
 /// The sync path's items as chains: grouped by execution in first-seen order (an
 /// execution's items must be consecutive versions), each with the positions of its
 /// items and the lease of its first.
-fn item_chains<'a>(items: &'a [SyncItem<'a>]) -> Vec<(ChainView<'a>, Vec<usize>)> {
+pub(crate) fn item_chains<'a>(items: &'a [SyncItem<'a>]) -> Vec<(ChainView<'a>, Vec<usize>)> {
     group_positions(
         items
             .iter()
@@ -818,6 +919,52 @@ mod tests {
             std::iter::once((EventKind::VariablesChanged, None, &b"d"[..])),
             0,
         )
+    }
+
+    #[test]
+    fn sqlite_rows_pick_the_statement_and_survive_into_owned() {
+        let creation = record("e", 0, 1);
+        let update = record("e", 1, 2);
+        let snapshot = b"snap".to_vec();
+        let view = |records: Vec<&'static PyVersionRecord>, snapshot: Option<&'static [u8]>| {
+            let snapshots = vec![snapshot; records.len()];
+            ChainView {
+                id: "e",
+                records,
+                snapshots,
+                lease: Some(("owner", 7)),
+            }
+        };
+        let creation: &'static PyVersionRecord = Box::leak(Box::new(creation));
+        let update: &'static PyVersionRecord = Box::leak(Box::new(update));
+        let snapshot: &'static [u8] = Box::leak(snapshot.into_boxed_slice());
+
+        let rows = sqlite_chain_rows(&view(vec![creation], None));
+        assert_eq!(rows.kind, RowKind::Insert);
+        assert_eq!(rows.row.len(), 9);
+        assert!(rows.snapshots.is_empty());
+
+        // No version changed the status: the UPDATE without it, with the newest
+        // snapshot's version, and the lease on every delta.
+        let rows = sqlite_chain_rows(&view(vec![update], Some(snapshot))).into_owned();
+        assert_eq!(rows.kind, RowKind::UpdateKeepStatus);
+        assert_eq!(
+            rows.row,
+            vec![
+                SqlValue::Int(2),
+                SqlValue::Int(0),
+                SqlValue::Int(2),
+                SqlValue::Text("e".into()),
+                SqlValue::Int(1),
+            ]
+        );
+        assert_eq!(rows.deltas[0][7], SqlValue::Text("owner".into()));
+        assert_eq!(rows.deltas[0][8], SqlValue::Int(7));
+        assert_eq!(rows.deltas[0][5], SqlValue::Text("[]".into()));
+        assert_eq!(
+            rows.snapshots[0][2],
+            SqlValue::Blob(b"snap".to_vec().into())
+        );
     }
 
     /// The element count of a one-dimensional binary array (0 when empty).

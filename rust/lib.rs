@@ -3,7 +3,7 @@
 //! This file holds only the module definition; each concept has its own file:
 //! `model` (state, updates, transitions: pure Rust), `ring` (the event ring),
 //! `engine` (the state map and the two-phase write), `snapshots` (the snapshot
-//! policy's bookkeeping), `convert` (Python <-> Rust
+//! policy's bookkeeping), `sqlite` (the SQLite store's native writer), `convert` (Python <-> Rust
 //! values, with validation), `py` (the Python classes) and `errors`.
 
 pub mod batch;
@@ -15,6 +15,7 @@ pub mod model;
 pub mod py;
 pub mod ring;
 pub mod snapshots;
+pub mod sqlite;
 
 use pyo3::prelude::*;
 
@@ -34,4 +35,6 @@ mod _core {
     };
     #[pymodule_export]
     use crate::snapshots::PySnapshotTracker;
+    #[pymodule_export]
+    use crate::sqlite::PySqliteWriter;
 }

@@ -31,6 +31,7 @@ import pytest
 
 from wfstate import StateManager
 from wfstate.store import Store, open_store
+from wfstate.store.sqlite import NATIVE_WRITER_ENV
 
 if TYPE_CHECKING:
     import psycopg
@@ -174,9 +175,13 @@ def backend_url(request: pytest.FixtureRequest, backend: Backend) -> str:
     return url
 
 
-@pytest.fixture(params=BACKENDS)
-def store_url(request: pytest.FixtureRequest) -> str:
-    """The URL of an empty store, once per backend."""
+@pytest.fixture(params=[*BACKENDS, "sqlite-sqlite3"])
+def store_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The URL of an empty store, once per backend; ``sqlite-sqlite3`` is SQLite
+    writing through the ``sqlite3`` module instead of its native writer."""
+    if request.param == "sqlite-sqlite3":
+        monkeypatch.setenv(NATIVE_WRITER_ENV, "0")
+        return backend_url(request, "sqlite")
     backend: Backend = request.param
     return backend_url(request, backend)
 

@@ -238,6 +238,8 @@ class _Interrupted(Exception):
 class _HeldStore:
     """A store whose first write blocks until ``release`` is set (only ``write``)."""
 
+    groups_writes = False  # the committer groups its callers
+
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()

@@ -87,6 +87,12 @@ class ControlledStore:
     def schema_version(self) -> int:
         return self.inner.schema_version()
 
+    #: Every write passes the switch: the manager's committer groups the callers.
+    groups_writes = False
+
+    def write_stats(self) -> tuple[int, int]:
+        return self.inner.write_stats()
+
     def _enter_write(self) -> None:
         """Wait at the gate, then fail if the switch says so."""
         self.gate.wait()

@@ -14,6 +14,7 @@ __all__ = [
     "PreparedUpdate",
     "RecordBatch",
     "SnapshotTracker",
+    "SqliteWriter",
     "StateEvent",
     "VersionRecord",
     "WorkflowState",
@@ -219,6 +220,37 @@ class RecordBatch:
         ],
         list[int],
     ]: ...
+
+@final
+class SqliteWriter:
+    """The SQLite store's native writer: write transactions without the GIL, on the
+    ``sqlite3`` module's own SQLite library (``ValueError`` when it cannot be
+    reached), group-committing the callers of every thread."""
+
+    def __new__(
+        cls,
+        path: str,
+        statements: Mapping[str, str],
+        pragmas: Sequence[str],
+        timeout: float,
+        expected_version: str,
+        *,
+        max_batch: int = 1000,
+        newer_limit: int = 64,
+    ) -> SqliteWriter: ...
+    def write_items(
+        self,
+        items: Sequence[tuple[VersionRecord, bytes | None, tuple[str, int] | None]],
+    ) -> list[tuple[list[int], tuple[Any, ...]]]: ...
+    def write_batch(
+        self, batch: RecordBatch, snapshot: Sequence[bool]
+    ) -> tuple[list[tuple[str, tuple[Any, ...]]], list[int]]: ...
+    def begin_exclusive(self) -> None: ...
+    def end_exclusive(self) -> None: ...
+    def stats(self) -> tuple[int, int]: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
 
 @final
 class SnapshotTracker:

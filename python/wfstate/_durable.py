@@ -5,7 +5,9 @@
 - ``GroupCommitter`` is the sync write path: callers hand it their version records
   and block; whoever arrives while no write is in flight leads, writing every
   record queued so far in one transaction (one disk flush for many callers), then
-  hands the lead to the next waiter. Each caller gets its own outcome.
+  hands the lead to the next waiter. Each caller gets its own outcome. A store
+  that groups its callers itself (``Store.groups_writes``: SQLite's native writer
+  does it in Rust, its callers waiting without the GIL) is called directly.
 - ``Flusher`` is the async write-behind path: a thread that reads whole versions
   from a durable ring cursor, writes them in batches and only then commits the
   cursor, so an event never leaves the ring before it is stored. It retries with
@@ -132,10 +134,22 @@ def _wait_through(wake: threading.Lock) -> BaseException | None:
 class GroupCommitter:
     """Sync writes of many threads, committed together (see the module docs)."""
 
-    __slots__ = ("_batches", "_busy", "_lock", "_max_batch", "_queue", "_store", "_writes")
+    __slots__ = (
+        "_batches",
+        "_busy",
+        "_direct",
+        "_lock",
+        "_max_batch",
+        "_queue",
+        "_store",
+        "_writes",
+    )
 
     def __init__(self, store: Store, *, max_batch: int) -> None:
         self._store = store
+        # A store that groups its callers itself (SQLite's native writer, where they
+        # wait without the GIL) is called directly.
+        self._direct = store.groups_writes
         self._max_batch = max_batch
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
@@ -148,6 +162,8 @@ class GroupCommitter:
 
         Raises ``StoreUnavailableError`` when the transaction carrying them failed.
         """
+        if self._direct:
+            return self._store.write(items)
         with self._lock:
             alone = not self._busy
             if alone:
@@ -227,6 +243,8 @@ class GroupCommitter:
 
     def stats(self) -> tuple[int, int]:
         """(transactions written, versions they carried)."""
+        if self._direct:
+            return self._store.write_stats()
         return self._batches, self._writes
 
 

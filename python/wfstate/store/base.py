@@ -196,6 +196,16 @@ class Store(Protocol):
         """The version of the schema the store is at (migrations applied on open)."""
         ...
 
+    @property
+    def groups_writes(self) -> bool:
+        """Whether ``write`` group-commits the callers of many threads itself (then the
+        manager calls it directly instead of through its ``GroupCommitter``)."""
+        ...
+
+    def write_stats(self) -> tuple[int, int]:
+        """With ``groups_writes``: (transactions written, versions they carried)."""
+        ...
+
     def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
         """Write a batch in one transaction; return one outcome per item.
 

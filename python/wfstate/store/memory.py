@@ -59,6 +59,15 @@ class MemoryStore:
         self._leases = LeaseTable()
         self._closed = False
 
+    @property
+    def groups_writes(self) -> bool:
+        """False: the manager groups concurrent sync writes (``GroupCommitter``)."""
+        return False
+
+    def write_stats(self) -> tuple[int, int]:
+        """(0, 0): see ``groups_writes``."""
+        return (0, 0)
+
     def schema_version(self) -> int:
         return 2
 

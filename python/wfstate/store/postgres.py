@@ -733,6 +733,15 @@ class PostgresStore:
 
     # -- the Store protocol ---------------------------------------------------------------
 
+    @property
+    def groups_writes(self) -> bool:
+        """False: the manager groups concurrent sync writes (``GroupCommitter``)."""
+        return False
+
+    def write_stats(self) -> tuple[int, int]:
+        """(0, 0): see ``groups_writes``."""
+        return (0, 0)
+
     def schema_version(self) -> int:
         with self._connection("reading the schema version") as conn:
             row = conn.execute(

@@ -14,6 +14,13 @@ How it keeps the contract of ``wfstate.store.base``:
 - **Atomic batches.** A batch is one ``BEGIN IMMEDIATE`` transaction; executions
   refused by the version check write nothing, the others commit together. Any
   SQLite error rolls the whole transaction back and raises ``StoreUnavailableError``.
+- **Native writes.** Writes run in Rust (``_core.SqliteWriter``): one release of
+  the GIL per transaction instead of one per statement step, on a connection of
+  the very SQLite library the ``sqlite3`` module loaded (never a second copy: two
+  copies in one process do not see each other's file locks). The statements and
+  rows are the ones this module's own path uses; where that library cannot be
+  reached (SQLite linked into the ``sqlite3`` module itself), or with
+  ``native_writer=False``, writes go through the ``sqlite3`` module.
 - **Concurrency.** One write connection behind a lock; reads go through a small
   pool of separate read-only connections, so in WAL mode they never wait for a
   write. Across processes, ``BEGIN IMMEDIATE`` takes SQLite's write lock up front;
@@ -67,7 +74,7 @@ from wfstate.store.base import (
     conflict_with,
 )
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["NATIVE_WRITER_ENV", "SCHEMA_VERSION", "SQLiteStore"]
 
 _Result = TypeVar("_Result")
 
@@ -341,6 +348,36 @@ def _conflict(
     return conflict_with(execution_id, base_version, actual, newer, snapshot_version)
 
 
+#: Set to "0" to write through the ``sqlite3`` module instead of the native writer.
+NATIVE_WRITER_ENV: Final = "WFSTATE_SQLITE_NATIVE_WRITER"
+
+#: At most this many versions in one transaction of the native writer's group commit.
+_NATIVE_MAX_BATCH: Final = 1000
+
+#: The native writer's statements, by the names ``_core.SqliteWriter`` prepares.
+_NATIVE_STATEMENTS: Final[dict[str, str]] = {
+    "insert_execution": _INSERT_EXECUTION,
+    "update_execution": _UPDATE_EXECUTION,
+    "update_execution_keep_status": _UPDATE_EXECUTION_KEEP_STATUS,
+    "insert_delta": _INSERT_DELTA,
+    "insert_snapshot": _INSERT_SNAPSHOT,
+    "select_lease": _SELECT_LEASE,
+    "select_version_and_snapshot": _SELECT_VERSION_AND_SNAPSHOT,
+    "select_newer_deltas": _SELECT_NEWER_DELTAS,
+}
+
+
+def _native_refusal(execution_id: str, base_version: int, refusal: tuple[Any, ...]) -> WfstateError:
+    """The error for a chain the native writer reports refused (``SqliteWriter``)."""
+    if refusal[0] == "lease":
+        _, token, current = refusal
+        return LeaseLostError(execution_id, token, current)
+    if refusal[0] == "exists":
+        return AlreadyExistsError(f"execution {execution_id!r} exists already")
+    _, actual, snapshot_version, newer = refusal
+    return conflict_with(execution_id, base_version, actual, newer, snapshot_version)
+
+
 def _update_statement(row: tuple[Any, ...]) -> str:
     """The UPDATE of an execution row the core made (with the status or without)."""
     return _UPDATE_EXECUTION if len(row) == 6 else _UPDATE_EXECUTION_KEEP_STATUS
@@ -400,6 +437,10 @@ class SQLiteStore:
     SQLite's setting for the write
     connection: ``"FULL"`` (default) makes every acknowledged write survive power
     loss; ``"NORMAL"`` only a crash of the process, and writes faster.
+    ``native_writer`` chooses the native writer (see the module docs) or the
+    ``sqlite3`` module's path; None (default) takes the native one unless
+    ``$WFSTATE_SQLITE_NATIVE_WRITER`` is ``0``. It is used only where it can share
+    the ``sqlite3`` module's SQLite library (``native_writer`` tells).
 
     ``storage_bytes()`` counts the database's pages in use (``page_count`` minus
     ``freelist_count``, times ``page_size``) as of the last commit, WAL included:
@@ -418,6 +459,7 @@ class SQLiteStore:
         display: str,
         connect_timeout: float = 5.0,
         synchronous: Synchronous = "FULL",
+        native_writer: bool | None = None,
     ) -> None:
         self.url = display
         if not path or path == ":memory:" or path.startswith("file::memory:"):
@@ -444,6 +486,11 @@ class SQLiteStore:
         self._pool_lock = threading.Lock()
         self._idle_readers: list[sqlite3.Connection] = []
         self._writer = self._open_writer()
+        if native_writer is None:
+            native_writer = os.environ.get(NATIVE_WRITER_ENV, "1") != "0"
+        self._native: _core.SqliteWriter | None = None
+        if native_writer:
+            self._native = self._open_native()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.url!r})"
@@ -520,6 +567,39 @@ class SQLiteStore:
             writer.close()
             raise
         return writer
+
+    def _open_native(self) -> _core.SqliteWriter | None:
+        """The native writer on a second write connection, or None when the ``sqlite3``
+        module's SQLite library cannot be reached from Rust."""
+        try:
+            return _core.SqliteWriter(
+                self._path,
+                _NATIVE_STATEMENTS,
+                [self._synchronous_pragma],
+                self._connect_timeout,
+                sqlite3.sqlite_version,
+                max_batch=_NATIVE_MAX_BATCH,
+                newer_limit=NEWER_DELTAS_LIMIT,
+            )
+        except ValueError:
+            return None
+        except sqlite3.Error as e:
+            self._writer.close()
+            raise self._open_failure(e) from e
+
+    @property
+    def native_writer(self) -> bool:
+        """Whether writes run in Rust (``_core.SqliteWriter``; see the module docs)."""
+        return self._native is not None
+
+    @property
+    def groups_writes(self) -> bool:
+        """True with the native writer: ``write`` group-commits concurrent callers."""
+        return self._native is not None
+
+    def write_stats(self) -> tuple[int, int]:
+        """(transactions the native writer committed, versions they carried)."""
+        return (0, 0) if self._native is None else self._native.stats()
 
     def _configure_writer(self, writer: sqlite3.Connection) -> None:
         # journal_mode=WAL is stored in the file: a no-op once any process has set it.
@@ -635,6 +715,9 @@ class SQLiteStore:
         return self._read(operation)
 
     def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
+        native = self._native
+        if native is not None:
+            return self._write_native(native, items)
         if len(items) == 1 and items[0].lease is None and items[0].record.base_version:
             return [self._write_update(items[0])]
         outcomes: list[WfstateError | None] = [None] * len(items)
@@ -653,6 +736,26 @@ class SQLiteStore:
                 if refusal is not None:
                     for position in chain.positions:
                         outcomes[position] = refusal
+        return outcomes
+
+    def _write_native(
+        self, native: _core.SqliteWriter, items: Sequence[WriteItem]
+    ) -> list[WfstateError | None]:
+        outcomes: list[WfstateError | None] = [None] * len(items)
+        self._check_usable()
+        if not items:
+            return outcomes
+        try:
+            refused = native.write_items([(i.record, i.snapshot, i.lease) for i in items])
+        except sqlite3.Error as e:
+            raise self._unavailable("writing", e) from e
+        except RuntimeError as e:  # closed meanwhile
+            raise ClosedError(f"the SQLite store {self.url} is closed") from e
+        for positions, refusal in refused:
+            record = items[positions[0]].record
+            error = _native_refusal(record.execution_id, record.base_version, refusal)
+            for position in positions:
+                outcomes[position] = error
         return outcomes
 
     def _write_update(self, item: WriteItem) -> ConflictError | None:
@@ -679,6 +782,22 @@ class SQLiteStore:
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
     ) -> tuple[dict[str, WfstateError], list[int]]:
+        native = self._native
+        if native is not None:
+            self._check_usable()
+            try:
+                refused, sizes = native.write_batch(batch, list(snapshot))
+            except sqlite3.Error as e:
+                raise self._unavailable("writing", e) from e
+            except RuntimeError as e:  # closed meanwhile
+                raise ClosedError(f"the SQLite store {self.url} is closed") from e
+            if not refused:
+                return {}, sizes
+            bases = {chain[0]: chain[1] for chain in batch.chains()}
+            return {
+                execution_id: _native_refusal(execution_id, bases[execution_id], refusal)
+                for execution_id, refusal in refused
+            }, sizes
         # The rows come encoded from Rust (one call for the whole batch).
         rows, sizes = batch.sqlite_rows(snapshot)
         chains = [
@@ -825,7 +944,19 @@ class SQLiteStore:
 
         with self._write_lock:
             self._check_usable()
-            return self._retrying(self._writer, transaction, doing=doing)
+            native = self._native
+            if native is None:
+                return self._retrying(self._writer, transaction, doing=doing)
+            # The native writer's connection is this process's other writer: take a
+            # turn in its queue rather than wait on the file's lock.
+            try:
+                native.begin_exclusive()
+            except RuntimeError as e:
+                raise ClosedError(f"the SQLite store {self.url} is closed") from e
+            try:
+                return self._retrying(self._writer, transaction, doing=doing)
+            finally:
+                native.end_exclusive()
 
     def acquire_lease(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
         def operation(writer: sqlite3.Connection) -> LeaseGrant:
@@ -908,6 +1039,8 @@ class SQLiteStore:
             reader.close()
         # Waits for a write in flight; later writes see ``_closed``.
         with self._write_lock:
+            if self._native is not None:
+                self._native.close()
             if os.getpid() == self._pid:
                 try:
                     self._writer.execute("PRAGMA busy_timeout=0")

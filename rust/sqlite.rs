@@ -1,0 +1,1017 @@
+//! The SQLite store's native writer: its write transactions run here, without the
+//! GIL, on a connection of the SQLite library the `sqlite3` module already loaded.
+//!
+//! Through the `sqlite3` module every statement step releases and re-takes the GIL.
+//! A sync write is 4 to 6 steps and a group commit's many more; with other Python
+//! threads running, each re-take waits for one of them. Here a whole transaction is
+//! one release of the GIL.
+//!
+//! Only the library copy the `sqlite3` module uses is ever called (found with
+//! `RTLD_NOLOAD`, its version checked against `sqlite3.sqlite_version`): two copies
+//! of SQLite in one process do not see each other's POSIX locks, and closing a file
+//! in one would drop the other's locks. Where that copy cannot be found (SQLite
+//! linked into the `sqlite3` module itself, a platform without `dlopen`) the store
+//! writes through the `sqlite3` module as before.
+//!
+//! The statements come from the Python store (one text for both paths); the rows
+//! from `batch::sqlite_chain_rows`, the encoder of the Python path too.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::batch::{sqlite_chain_rows, ChainView, PyRecordBatch, RowKind, SqlValue, SyncItem};
+
+// -- the C API, from the loaded library --------------------------------------------
+
+#[repr(C)]
+struct Sqlite3 {
+    _private: [u8; 0],
+}
+#[repr(C)]
+struct Stmt {
+    _private: [u8; 0],
+}
+
+const SQLITE_OK: c_int = 0;
+const SQLITE_ROW: c_int = 100;
+const SQLITE_DONE: c_int = 101;
+const SQLITE_NULL: c_int = 5;
+const SQLITE_OPEN_READWRITE: c_int = 0x0000_0002;
+const SQLITE_OPEN_NOMUTEX: c_int = 0x0000_8000;
+const SQLITE_OPEN_EXRESCODE: c_int = 0x0200_0000;
+
+type Destructor = Option<unsafe extern "C" fn(*mut c_void)>;
+
+/// The functions used, resolved from the library with `dlsym`.
+struct Api {
+    libversion: unsafe extern "C" fn() -> *const c_char,
+    open_v2: unsafe extern "C" fn(*const c_char, *mut *mut Sqlite3, c_int, *const c_char) -> c_int,
+    close_v2: unsafe extern "C" fn(*mut Sqlite3) -> c_int,
+    busy_timeout: unsafe extern "C" fn(*mut Sqlite3, c_int) -> c_int,
+    exec: unsafe extern "C" fn(
+        *mut Sqlite3,
+        *const c_char,
+        *const c_void,
+        *const c_void,
+        *mut *mut c_char,
+    ) -> c_int,
+    prepare_v2: unsafe extern "C" fn(
+        *mut Sqlite3,
+        *const c_char,
+        c_int,
+        *mut *mut Stmt,
+        *mut *const c_char,
+    ) -> c_int,
+    step: unsafe extern "C" fn(*mut Stmt) -> c_int,
+    reset: unsafe extern "C" fn(*mut Stmt) -> c_int,
+    clear_bindings: unsafe extern "C" fn(*mut Stmt) -> c_int,
+    finalize: unsafe extern "C" fn(*mut Stmt) -> c_int,
+    bind_int64: unsafe extern "C" fn(*mut Stmt, c_int, i64) -> c_int,
+    bind_null: unsafe extern "C" fn(*mut Stmt, c_int) -> c_int,
+    bind_text: unsafe extern "C" fn(*mut Stmt, c_int, *const c_char, c_int, Destructor) -> c_int,
+    bind_blob: unsafe extern "C" fn(*mut Stmt, c_int, *const c_void, c_int, Destructor) -> c_int,
+    column_type: unsafe extern "C" fn(*mut Stmt, c_int) -> c_int,
+    column_int64: unsafe extern "C" fn(*mut Stmt, c_int) -> i64,
+    column_blob: unsafe extern "C" fn(*mut Stmt, c_int) -> *const c_void,
+    column_text: unsafe extern "C" fn(*mut Stmt, c_int) -> *const u8,
+    column_bytes: unsafe extern "C" fn(*mut Stmt, c_int) -> c_int,
+    changes: unsafe extern "C" fn(*mut Sqlite3) -> c_int,
+    get_autocommit: unsafe extern "C" fn(*mut Sqlite3) -> c_int,
+    errmsg: unsafe extern "C" fn(*mut Sqlite3) -> *const c_char,
+    errstr: unsafe extern "C" fn(c_int) -> *const c_char,
+    extended_errcode: unsafe extern "C" fn(*mut Sqlite3) -> c_int,
+}
+
+/// The library names `dlopen` may know the `sqlite3` module's copy by.
+#[cfg(unix)]
+const LIBRARY_NAMES: [&CStr; 3] = [c"libsqlite3.so.0", c"libsqlite3.so", c"libsqlite3.dylib"];
+
+/// `pointer` as the function pointer type `F`.
+///
+/// # Safety
+/// `pointer` must point to a function of signature `F`.
+#[cfg(unix)]
+unsafe fn function_pointer<F: Copy>(pointer: *mut c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&pointer) }
+}
+
+#[cfg(unix)]
+fn load_api() -> Result<Api, String> {
+    // RTLD_NOLOAD: only a copy this process has loaded already (the sqlite3
+    // module's), never a second one.
+    let handle = LIBRARY_NAMES
+        .iter()
+        .map(|name| unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) })
+        .find(|handle| !handle.is_null())
+        .ok_or_else(|| "no shared SQLite library is loaded in this process".to_string())?;
+    macro_rules! symbol {
+        ($name:literal) => {{
+            let pointer = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr().cast()) };
+            if pointer.is_null() {
+                return Err(format!("the loaded SQLite library has no {}", $name));
+            }
+            // SAFETY: the symbol is the SQLite C API function of that name, whose
+            // signature the field's type spells out.
+            unsafe { function_pointer(pointer) }
+        }};
+    }
+    Ok(Api {
+        libversion: symbol!("sqlite3_libversion"),
+        open_v2: symbol!("sqlite3_open_v2"),
+        close_v2: symbol!("sqlite3_close_v2"),
+        busy_timeout: symbol!("sqlite3_busy_timeout"),
+        exec: symbol!("sqlite3_exec"),
+        prepare_v2: symbol!("sqlite3_prepare_v2"),
+        step: symbol!("sqlite3_step"),
+        reset: symbol!("sqlite3_reset"),
+        clear_bindings: symbol!("sqlite3_clear_bindings"),
+        finalize: symbol!("sqlite3_finalize"),
+        bind_int64: symbol!("sqlite3_bind_int64"),
+        bind_null: symbol!("sqlite3_bind_null"),
+        bind_text: symbol!("sqlite3_bind_text"),
+        bind_blob: symbol!("sqlite3_bind_blob"),
+        column_type: symbol!("sqlite3_column_type"),
+        column_int64: symbol!("sqlite3_column_int64"),
+        column_blob: symbol!("sqlite3_column_blob"),
+        column_text: symbol!("sqlite3_column_text"),
+        column_bytes: symbol!("sqlite3_column_bytes"),
+        changes: symbol!("sqlite3_changes"),
+        get_autocommit: symbol!("sqlite3_get_autocommit"),
+        errmsg: symbol!("sqlite3_errmsg"),
+        errstr: symbol!("sqlite3_errstr"),
+        extended_errcode: symbol!("sqlite3_extended_errcode"),
+    })
+}
+
+#[cfg(not(unix))]
+fn load_api() -> Result<Api, String> {
+    Err("the native SQLite writer needs dlopen".to_string())
+}
+
+fn api() -> Result<&'static Api, String> {
+    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    API.get_or_init(load_api).as_ref().map_err(Clone::clone)
+}
+
+// -- errors -------------------------------------------------------------------------
+
+/// A failed SQLite call: its extended result code and message.
+#[derive(Debug, Clone)]
+struct SqlError {
+    code: c_int,
+    message: String,
+}
+
+impl SqlError {
+    /// As the `sqlite3` module raises it (`sqlite_errorcode`, `sqlite_errorname`), so
+    /// that the store's retry and error wording treat both paths alike.
+    fn into_py(self, py: Python<'_>) -> PyErr {
+        let build = || -> PyResult<PyErr> {
+            let module = py.import("sqlite3")?;
+            let class = match self.code & 0xFF {
+                19 => "IntegrityError", // SQLITE_CONSTRAINT
+                _ => "OperationalError",
+            };
+            let error = module.getattr(class)?.call1((self.message.as_str(),))?;
+            error.setattr("sqlite_errorcode", self.code)?;
+            let name = api()
+                .map(|api| unsafe { CStr::from_ptr((api.errstr)(self.code)) })
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            error.setattr("sqlite_errorname", name)?;
+            Ok(PyErr::from_value(error))
+        };
+        build().unwrap_or_else(|error| error)
+    }
+}
+
+type SqlResult<T> = Result<T, SqlError>;
+
+// -- the connection -----------------------------------------------------------------
+
+/// The statements the writer prepares, by the names the Python store gives them.
+const STATEMENTS: [&str; 8] = [
+    "insert_execution",
+    "update_execution",
+    "update_execution_keep_status",
+    "insert_delta",
+    "insert_snapshot",
+    "select_lease",
+    "select_version_and_snapshot",
+    "select_newer_deltas",
+];
+
+struct Connection {
+    api: &'static Api,
+    db: *mut Sqlite3,
+    /// Prepared once, in `STATEMENTS` order, then `begin`, `commit`, `rollback`.
+    statements: Vec<*mut Stmt>,
+}
+
+// SAFETY: the connection is only used under the writer's mutex, by one thread at a
+// time; SQLite connections may move between threads (the library is built
+// thread-safe: checked at load).
+unsafe impl Send for Connection {}
+
+const BEGIN: usize = STATEMENTS.len();
+const COMMIT: usize = BEGIN + 1;
+const ROLLBACK: usize = BEGIN + 2;
+
+fn statement_index(name: &str) -> usize {
+    STATEMENTS
+        .iter()
+        .position(|n| *n == name)
+        .expect("a known statement")
+}
+
+impl Connection {
+    fn error(&self) -> SqlError {
+        unsafe {
+            SqlError {
+                code: (self.api.extended_errcode)(self.db),
+                message: CStr::from_ptr((self.api.errmsg)(self.db))
+                    .to_string_lossy()
+                    .into_owned(),
+            }
+        }
+    }
+
+    fn check(&self, code: c_int) -> SqlResult<()> {
+        if code == SQLITE_OK {
+            Ok(())
+        } else {
+            Err(self.error())
+        }
+    }
+
+    fn open(
+        api: &'static Api,
+        path: &str,
+        statements: &HashMap<String, String>,
+        pragmas: &[String],
+        busy_timeout_ms: c_int,
+    ) -> SqlResult<Connection> {
+        let c_path = CString::new(path).map_err(|_| SqlError {
+            code: 1,
+            message: "the path holds a NUL character".to_string(),
+        })?;
+        let mut db = std::ptr::null_mut();
+        let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE;
+        let code = unsafe { (api.open_v2)(c_path.as_ptr(), &mut db, flags, std::ptr::null()) };
+        let mut connection = Connection {
+            api,
+            db,
+            statements: Vec::new(),
+        };
+        if db.is_null() {
+            return Err(SqlError {
+                code,
+                message: "out of memory opening the database".to_string(),
+            });
+        }
+        connection.check(code)?;
+        connection.check(unsafe { (api.busy_timeout)(db, busy_timeout_ms) })?;
+        for pragma in pragmas {
+            connection.exec(pragma)?;
+        }
+        let fixed = ["BEGIN IMMEDIATE", "COMMIT", "ROLLBACK"];
+        let texts = STATEMENTS
+            .iter()
+            .map(|name| {
+                statements.get(*name).map(String::as_str).ok_or(SqlError {
+                    code: 1,
+                    message: format!("no {name} statement given"),
+                })
+            })
+            .chain(fixed.iter().map(|s| Ok(*s)));
+        for text in texts {
+            let statement = connection.prepare(text?)?;
+            connection.statements.push(statement);
+        }
+        Ok(connection)
+    }
+
+    fn exec(&self, sql: &str) -> SqlResult<()> {
+        let sql = CString::new(sql).map_err(|_| SqlError {
+            code: 1,
+            message: "a statement holds a NUL character".to_string(),
+        })?;
+        let code = unsafe {
+            (self.api.exec)(
+                self.db,
+                sql.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                std::ptr::null_mut(),
+            )
+        };
+        self.check(code)
+    }
+
+    fn prepare(&self, sql: &str) -> SqlResult<*mut Stmt> {
+        let mut statement = std::ptr::null_mut();
+        let length = c_int::try_from(sql.len()).expect("a statement's text fits in an int");
+        let code = unsafe {
+            (self.api.prepare_v2)(
+                self.db,
+                sql.as_ptr().cast(),
+                length,
+                &mut statement,
+                std::ptr::null_mut(),
+            )
+        };
+        self.check(code)?;
+        Ok(statement)
+    }
+
+    /// Bind `values` to statement `index` and step it once; return whether it gave a
+    /// row (read it with `column_*`, then `finish`).
+    fn run(&self, index: usize, values: &[SqlValue<'_>]) -> SqlResult<bool> {
+        let statement = self.statements[index];
+        let api = self.api;
+        for (position, value) in values.iter().enumerate() {
+            let position = c_int::try_from(position + 1).expect("few parameters");
+            // SQLITE_STATIC (None): the values outlive the step; `finish` clears them.
+            let code = unsafe {
+                match value {
+                    SqlValue::Null => (api.bind_null)(statement, position),
+                    SqlValue::Int(n) => (api.bind_int64)(statement, position, *n),
+                    SqlValue::Text(text) => (api.bind_text)(
+                        statement,
+                        position,
+                        text.as_ptr().cast(),
+                        length(text.len())?,
+                        None,
+                    ),
+                    SqlValue::Blob(bytes) => (api.bind_blob)(
+                        statement,
+                        position,
+                        bytes.as_ptr().cast(),
+                        length(bytes.len())?,
+                        None,
+                    ),
+                }
+            };
+            if code != SQLITE_OK {
+                self.finish(index);
+                return Err(self.error());
+            }
+        }
+        match unsafe { (api.step)(statement) } {
+            SQLITE_ROW => Ok(true),
+            SQLITE_DONE => {
+                self.finish(index);
+                Ok(false)
+            }
+            _ => {
+                // sqlite3_reset returns the step's error, and the error is then the
+                // connection's (the extended code and message).
+                unsafe { (api.reset)(statement) };
+                let error = self.error();
+                self.finish(index);
+                Err(error)
+            }
+        }
+    }
+
+    /// Reset statement `index` and drop its bindings (borrowed values).
+    fn finish(&self, index: usize) {
+        let statement = self.statements[index];
+        unsafe {
+            (self.api.reset)(statement);
+            (self.api.clear_bindings)(statement);
+        }
+    }
+
+    fn next_row(&self, index: usize) -> SqlResult<bool> {
+        match unsafe { (self.api.step)(self.statements[index]) } {
+            SQLITE_ROW => Ok(true),
+            SQLITE_DONE => Ok(false),
+            _ => {
+                unsafe { (self.api.reset)(self.statements[index]) };
+                Err(self.error())
+            }
+        }
+    }
+
+    fn column_int(&self, index: usize, column: c_int) -> Option<i64> {
+        let statement = self.statements[index];
+        unsafe {
+            match (self.api.column_type)(statement, column) {
+                SQLITE_NULL => None,
+                _ => Some((self.api.column_int64)(statement, column)),
+            }
+        }
+    }
+
+    fn column_text(&self, index: usize, column: c_int) -> Option<String> {
+        let statement = self.statements[index];
+        unsafe {
+            if (self.api.column_type)(statement, column) == SQLITE_NULL {
+                return None;
+            }
+            let pointer = (self.api.column_text)(statement, column);
+            let size = usize::try_from((self.api.column_bytes)(statement, column)).unwrap_or(0);
+            if pointer.is_null() {
+                return Some(String::new());
+            }
+            let bytes = std::slice::from_raw_parts(pointer, size);
+            Some(String::from_utf8_lossy(bytes).into_owned())
+        }
+    }
+
+    fn column_blob(&self, index: usize, column: c_int) -> Vec<u8> {
+        let statement = self.statements[index];
+        unsafe {
+            let pointer = (self.api.column_blob)(statement, column);
+            let size = usize::try_from((self.api.column_bytes)(statement, column)).unwrap_or(0);
+            if pointer.is_null() {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(pointer.cast::<u8>(), size).to_vec()
+            }
+        }
+    }
+
+    fn changes(&self) -> c_int {
+        unsafe { (self.api.changes)(self.db) }
+    }
+
+    fn in_transaction(&self) -> bool {
+        unsafe { (self.api.get_autocommit)(self.db) == 0 }
+    }
+
+    /// End an open transaction after an error; a second failure is not news.
+    fn rollback(&self) {
+        if self.in_transaction() && self.run(ROLLBACK, &[]).is_err() {
+            // The connection rolls back by itself when it cannot go on.
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        unsafe {
+            for statement in self.statements.drain(..) {
+                (self.api.finalize)(statement);
+            }
+            (self.api.close_v2)(self.db);
+        }
+    }
+}
+
+fn length(size: usize) -> SqlResult<c_int> {
+    c_int::try_from(size).map_err(|_| SqlError {
+        code: 18, // SQLITE_TOOBIG
+        message: "a value is too big for SQLite".to_string(),
+    })
+}
+
+// -- the write transaction ----------------------------------------------------------
+
+/// Why the store refused a chain (the Python store turns it into the error).
+enum Refusal {
+    /// The lease was lost: (the writer's token, the current one or None).
+    Lease(i64, Option<i64>),
+    /// The execution exists already (a creation).
+    Exists,
+    /// Another version is stored: (actual version, its snapshot version, the newer
+    /// deltas (version, recorded_at_us, actor, data) when few).
+    Conflict(i64, i64, Vec<(i64, i64, Option<String>, Vec<u8>)>),
+}
+
+impl Refusal {
+    fn into_py<'py>(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(match self {
+            Refusal::Lease(token, current) => {
+                ("lease", token, current).into_pyobject(py)?.into_any()
+            }
+            Refusal::Exists => ("exists",).into_pyobject(py)?.into_any(),
+            Refusal::Conflict(actual, snapshot_version, newer) => {
+                let newer: Vec<_> = newer
+                    .into_iter()
+                    .map(|(version, at, actor, data)| (version, at, actor, PyBytes::new(py, &data)))
+                    .collect();
+                ("conflict", actual, snapshot_version, newer)
+                    .into_pyobject(py)?
+                    .into_any()
+            }
+        })
+    }
+}
+
+/// A chain to write: its rows, first base version and lease (owned: the writing
+/// thread may be another caller's).
+struct Planned {
+    id: String,
+    base_version: i64,
+    lease: Option<(String, i64)>,
+    rows: crate::batch::SqliteChainRows<'static>,
+}
+
+impl Planned {
+    fn new(chain: &ChainView<'_>) -> Self {
+        Planned {
+            id: chain.id.to_string(),
+            base_version: i64::try_from(chain.records[0].base_version).unwrap_or(i64::MAX),
+            lease: chain.lease.map(|(owner, token)| (owner.to_string(), token)),
+            rows: sqlite_chain_rows(chain).into_owned(),
+        }
+    }
+
+    fn versions(&self) -> u64 {
+        self.rows.deltas.len() as u64
+    }
+}
+
+fn is_busy(error: &SqlError) -> bool {
+    matches!(error.code & 0xFF, 5 | 6) // SQLITE_BUSY, SQLITE_LOCKED
+}
+
+/// Write `chains` in one transaction (BEGIN IMMEDIATE ... COMMIT); return the
+/// refusals by chain index. On an error the transaction is rolled back; while
+/// another connection holds the file's lock, the whole transaction is retried
+/// until `timeout` has passed (as the Python path's ``_retrying``).
+fn write_chains(
+    connection: &Connection,
+    chains: &[&Planned],
+    newer_limit: i64,
+    timeout: Duration,
+) -> SqlResult<Vec<(usize, Refusal)>> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let result = (|| {
+            let mut refusals = Vec::new();
+            connection.run(BEGIN, &[])?;
+            for (index, chain) in chains.iter().enumerate() {
+                if let Some(refusal) = write_chain(connection, chain, newer_limit)? {
+                    refusals.push((index, refusal));
+                }
+            }
+            connection.run(COMMIT, &[])?;
+            Ok(refusals)
+        })();
+        match result {
+            Ok(refusals) => return Ok(refusals),
+            Err(error) => {
+                connection.rollback();
+                let now = Instant::now();
+                if !is_busy(&error) || now >= deadline {
+                    return Err(error);
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn write_chain(
+    connection: &Connection,
+    chain: &Planned,
+    newer_limit: i64,
+) -> SqlResult<Option<Refusal>> {
+    let id = SqlValue::Text(std::borrow::Cow::Borrowed(chain.id.as_str()));
+    if let Some((owner, token)) = &chain.lease {
+        let lease = statement_index("select_lease");
+        let found = if connection.run(lease, std::slice::from_ref(&id))? {
+            let found = (
+                connection.column_text(lease, 0),
+                connection.column_int(lease, 1),
+            );
+            connection.finish(lease);
+            Some(found)
+        } else {
+            None
+        };
+        match found {
+            Some((Some(found_owner), Some(found_token)))
+                if found_owner == *owner && found_token == *token => {}
+            Some((found_owner, found_token)) => {
+                let current = if found_owner.is_none() {
+                    None
+                } else {
+                    found_token
+                };
+                return Ok(Some(Refusal::Lease(*token, current)));
+            }
+            None => return Ok(Some(Refusal::Lease(*token, None))),
+        }
+    }
+    let rows = &chain.rows;
+    let statement = statement_index(match rows.kind {
+        RowKind::Insert => "insert_execution",
+        RowKind::Update => "update_execution",
+        RowKind::UpdateKeepStatus => "update_execution_keep_status",
+    });
+    connection.run(statement, &rows.row)?;
+    if connection.changes() == 0 {
+        return Ok(Some(if rows.kind == RowKind::Insert {
+            Refusal::Exists
+        } else {
+            conflict(connection, &id, chain.base_version, newer_limit)?
+        }));
+    }
+    let delta = statement_index("insert_delta");
+    for row in &rows.deltas {
+        connection.run(delta, row)?;
+    }
+    let snapshot = statement_index("insert_snapshot");
+    for row in &rows.snapshots {
+        connection.run(snapshot, row)?;
+    }
+    Ok(None)
+}
+
+/// The refusal of an update based on `base_version` that found another version
+/// stored, with the deltas the writer missed when they are few (same transaction).
+fn conflict(
+    connection: &Connection,
+    id: &SqlValue<'_>,
+    base_version: i64,
+    newer_limit: i64,
+) -> SqlResult<Refusal> {
+    let select = statement_index("select_version_and_snapshot");
+    let (actual, snapshot_version) = if connection.run(select, std::slice::from_ref(id))? {
+        let found = (
+            connection.column_int(select, 0).unwrap_or(0),
+            connection.column_int(select, 1).unwrap_or(0),
+        );
+        connection.finish(select);
+        found
+    } else {
+        (0, 0)
+    };
+    let mut newer = Vec::new();
+    if 0 < actual - base_version && actual - base_version <= newer_limit {
+        let deltas = statement_index("select_newer_deltas");
+        let parameters = [
+            id.clone(),
+            SqlValue::Int(base_version),
+            SqlValue::Int(newer_limit),
+        ];
+        let mut more = connection.run(deltas, &parameters)?;
+        while more {
+            newer.push((
+                connection.column_int(deltas, 0).unwrap_or(0),
+                connection.column_int(deltas, 1).unwrap_or(0),
+                connection.column_text(deltas, 2),
+                connection.column_blob(deltas, 3),
+            ));
+            more = match connection.next_row(deltas) {
+                Ok(more) => more,
+                Err(error) => {
+                    connection.finish(deltas);
+                    return Err(error);
+                }
+            };
+        }
+        connection.finish(deltas);
+    }
+    Ok(Refusal::Conflict(actual, snapshot_version, newer))
+}
+
+// -- group commit -------------------------------------------------------------------
+
+/// What one caller's write came to: the refusals by its chain index, or the error
+/// of the transaction that carried it.
+type Outcome = SqlResult<Vec<(usize, Refusal)>>;
+
+enum Turn {
+    /// Queued behind the writer in flight.
+    Waiting,
+    /// Handed the lead: write (or take an exclusive turn) now.
+    Lead,
+    /// Written by another caller's transaction.
+    Done(Outcome),
+}
+
+/// A caller in the queue: chains to write, or none for an exclusive turn (the
+/// Python store's own write connection, `begin_exclusive`).
+struct Job {
+    chains: Vec<Planned>,
+    exclusive: bool,
+    turn: Mutex<Turn>,
+    wake: Condvar,
+}
+
+impl Job {
+    fn new(chains: Vec<Planned>, exclusive: bool) -> Arc<Job> {
+        Arc::new(Job {
+            chains,
+            exclusive,
+            turn: Mutex::new(Turn::Waiting),
+            wake: Condvar::new(),
+        })
+    }
+
+    fn set(&self, turn: Turn) {
+        *self.turn.lock() = turn;
+        self.wake.notify_one();
+    }
+}
+
+#[derive(Default)]
+struct Group {
+    queue: VecDeque<Arc<Job>>,
+    /// A caller is writing (or holds an exclusive turn); the others queue.
+    busy: bool,
+    closed: bool,
+    transactions: u64,
+    versions: u64,
+}
+
+/// The writer was closed.
+struct Closed;
+
+// -- the Python class ---------------------------------------------------------------
+
+/// The SQLite store's native writer (see the module docs): one connection, and the
+/// group commit of the callers of every thread.
+///
+/// Whoever finds nobody writing leads: it writes its own chains and those of every
+/// caller queued meanwhile (up to `max_batch` versions) in one transaction, one
+/// disk flush, then hands the lead to the first caller queued since. Callers wait
+/// without the GIL.
+#[pyclass(frozen, module = "wfstate._core", name = "SqliteWriter")]
+pub struct PySqliteWriter {
+    group: Mutex<Group>,
+    idle: Condvar,
+    connection: Mutex<Option<Connection>>,
+    max_batch: u64,
+    newer_limit: i64,
+    timeout: Duration,
+}
+
+impl PySqliteWriter {
+    /// Queue `job` (or lead at once when nobody writes); return once it is written
+    /// (its outcome) or, for an exclusive turn, once the turn is the caller's.
+    fn enqueue(&self, job: &Arc<Job>) -> Result<Option<Outcome>, Closed> {
+        {
+            let mut group = self.group.lock();
+            if group.closed {
+                return Err(Closed);
+            }
+            if !group.busy {
+                group.busy = true;
+                return Ok(None);
+            }
+            group.queue.push_back(job.clone());
+        }
+        let mut turn = job.turn.lock();
+        loop {
+            match std::mem::replace(&mut *turn, Turn::Waiting) {
+                Turn::Waiting => job.wake.wait(&mut turn),
+                Turn::Lead => return Ok(None),
+                Turn::Done(outcome) => return Ok(Some(outcome)),
+            }
+        }
+    }
+
+    /// Write `job` and the write jobs queued behind it in one transaction; hand on
+    /// the lead; return `job`'s outcome.
+    fn lead(&self, job: &Arc<Job>) -> Outcome {
+        let mut batch = vec![job.clone()];
+        {
+            let mut group = self.group.lock();
+            let mut versions: u64 = job.chains.iter().map(Planned::versions).sum();
+            while let Some(next) = group.queue.front() {
+                let size: u64 = next.chains.iter().map(Planned::versions).sum();
+                if next.exclusive || versions + size > self.max_batch {
+                    break;
+                }
+                versions += size;
+                batch.push(group.queue.pop_front().expect("a front"));
+            }
+            group.transactions += 1;
+            group.versions += versions;
+        }
+        let chains: Vec<&Planned> = batch.iter().flat_map(|j| &j.chains).collect();
+        let outcome = match self.connection.lock().as_ref() {
+            Some(connection) => write_chains(connection, &chains, self.newer_limit, self.timeout),
+            None => Err(SqlError {
+                code: 21, // SQLITE_MISUSE
+                message: "the native SQLite writer is closed".to_string(),
+            }),
+        };
+        let mut mine = None;
+        match outcome {
+            Ok(refusals) => {
+                let mut refusals = refusals.into_iter().peekable();
+                let mut first = 0;
+                for (index, one) in batch.iter().enumerate() {
+                    let end = first + one.chains.len();
+                    let mut own = Vec::new();
+                    while let Some((chain, _)) = refusals.peek() {
+                        if *chain >= end {
+                            break;
+                        }
+                        let (chain, refusal) = refusals.next().expect("peeked");
+                        own.push((chain - first, refusal));
+                    }
+                    first = end;
+                    if index == 0 {
+                        mine = Some(Ok(own));
+                    } else {
+                        one.set(Turn::Done(Ok(own)));
+                    }
+                }
+            }
+            Err(error) => {
+                for one in &batch[1..] {
+                    one.set(Turn::Done(Err(error.clone())));
+                }
+                mine = Some(Err(error));
+            }
+        }
+        self.hand_on();
+        mine.expect("the leader's own outcome")
+    }
+
+    /// Hand the lead to the first queued caller, or become idle.
+    fn hand_on(&self) {
+        let mut group = self.group.lock();
+        match group.queue.pop_front() {
+            Some(next) => next.set(Turn::Lead),
+            None => {
+                group.busy = false;
+                self.idle.notify_all();
+            }
+        }
+    }
+
+    /// Write `chains` with the group (without the GIL) and return the refusals by
+    /// chain index.
+    fn commit(&self, py: Python<'_>, chains: Vec<Planned>) -> PyResult<Vec<(usize, Refusal)>> {
+        let job = Job::new(chains, false);
+        let outcome = py.detach(|| match self.enqueue(&job)? {
+            Some(outcome) => Ok(outcome),
+            None => Ok(self.lead(&job)),
+        });
+        match outcome {
+            Err(Closed) => Err(closed_error()),
+            Ok(outcome) => outcome.map_err(|error| error.into_py(py)),
+        }
+    }
+}
+
+fn closed_error() -> PyErr {
+    PyRuntimeError::new_err("the native SQLite writer is closed")
+}
+
+#[pymethods]
+impl PySqliteWriter {
+    /// Open a write connection to the database at `path` (which must exist: the
+    /// Python store creates and migrates it), with SQLite's busy timeout (also how
+    /// long a transaction is retried while another connection holds the lock),
+    /// running `pragmas` and preparing `statements` (by name: see `STATEMENTS`).
+    /// A transaction carries at most `max_batch` versions (more when one caller's
+    /// write alone is larger); a conflict carries at most `newer_limit` newer deltas.
+    ///
+    /// Raises `ValueError` when the `sqlite3` module's SQLite library cannot be used
+    /// (not loaded as a shared library, or of another version than
+    /// `expected_version`), and the `sqlite3` module's errors when opening fails.
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (path, statements, pragmas, timeout, expected_version, *, max_batch = 1000, newer_limit = 64))]
+    fn new(
+        py: Python<'_>,
+        path: &str,
+        statements: HashMap<String, String>,
+        pragmas: Vec<String>,
+        timeout: f64,
+        expected_version: &str,
+        max_batch: u64,
+        newer_limit: i64,
+    ) -> PyResult<Self> {
+        let api = api().map_err(PyValueError::new_err)?;
+        let version = unsafe { CStr::from_ptr((api.libversion)()) }.to_string_lossy();
+        if version != expected_version {
+            return Err(PyValueError::new_err(format!(
+                "the loaded SQLite library is version {version}, the sqlite3 module's \
+                 {expected_version}: not the same copy"
+            )));
+        }
+        if !(timeout.is_finite() && timeout >= 0.0) || max_batch == 0 || newer_limit < 0 {
+            return Err(PyValueError::new_err(
+                "timeout must be finite and >= 0, max_batch > 0, newer_limit >= 0",
+            ));
+        }
+        let busy_ms = c_int::try_from((timeout * 1000.0) as i64).unwrap_or(c_int::MAX);
+        let connection = py
+            .detach(|| Connection::open(api, path, &statements, &pragmas, busy_ms))
+            .map_err(|error| error.into_py(py))?;
+        Ok(PySqliteWriter {
+            group: Mutex::new(Group::default()),
+            idle: Condvar::new(),
+            connection: Mutex::new(Some(connection)),
+            max_batch,
+            newer_limit,
+            timeout: Duration::from_secs_f64(timeout),
+        })
+    }
+
+    /// Write the sync path's items, group-committed with every other thread's, and
+    /// return the refused chains: `(positions of their items, refusal)`, a refusal
+    /// being `("lease", token, current token or None)`, `("exists",)` or
+    /// `("conflict", stored version, its snapshot version, [(version,
+    /// recorded_at_us, actor, delta)] when few versions newer)`. Raises the
+    /// `sqlite3` module's error when the transaction carrying them failed (nothing
+    /// of it is stored) and `RuntimeError` once closed.
+    #[allow(clippy::type_complexity)]
+    fn write_items<'py>(
+        &self,
+        py: Python<'py>,
+        items: Vec<SyncItem<'py>>,
+    ) -> PyResult<Vec<(Vec<usize>, Bound<'py, PyAny>)>> {
+        let chains = crate::batch::item_chains(&items);
+        let planned = chains
+            .iter()
+            .map(|(chain, _)| Planned::new(chain))
+            .collect();
+        self.commit(py, planned)?
+            .into_iter()
+            .map(|(index, refusal)| Ok((chains[index].1.clone(), refusal.into_py(py)?)))
+            .collect()
+    }
+
+    /// Write a write-behind batch (with the group), with a snapshot at the last
+    /// version of each chain whose flag is set (one per chain, in `chains()` order).
+    /// Returns the refusals by execution id (as `write_items` gives them) and the
+    /// snapshot sizes per chain (0: none).
+    #[allow(clippy::type_complexity)]
+    fn write_batch<'py>(
+        &self,
+        py: Python<'py>,
+        batch: PyRef<'py, PyRecordBatch>,
+        snapshot: Vec<bool>,
+    ) -> PyResult<(Vec<(String, Bound<'py, PyAny>)>, Vec<usize>)> {
+        batch.check_flags(&snapshot)?;
+        let snapshots = batch.snapshots(py, &snapshot);
+        let sizes = snapshots
+            .iter()
+            .map(|s| s.as_ref().map_or(0, Vec::len))
+            .collect();
+        let batch: &PyRecordBatch = &batch;
+        let planned: Vec<Planned> =
+            py.detach(|| batch.views(&snapshots).iter().map(Planned::new).collect());
+        let ids: Vec<String> = planned.iter().map(|chain| chain.id.clone()).collect();
+        let refusals = self
+            .commit(py, planned)?
+            .into_iter()
+            .map(|(index, refusal)| Ok((ids[index].clone(), refusal.into_py(py)?)))
+            .collect::<PyResult<_>>()?;
+        Ok((refusals, sizes))
+    }
+
+    /// Wait (without the GIL) for a turn of its own, as if writing: until
+    /// `end_exclusive`, no transaction of this writer runs. For writes on another
+    /// connection of the same process (the store's leases), which would otherwise
+    /// wait on the file's lock.
+    fn begin_exclusive(&self, py: Python<'_>) -> PyResult<()> {
+        let job = Job::new(Vec::new(), true);
+        py.detach(|| self.enqueue(&job))
+            .map(|_| ())
+            .map_err(|Closed| closed_error())
+    }
+
+    /// End the turn `begin_exclusive` gave.
+    fn end_exclusive(&self) {
+        self.hand_on();
+    }
+
+    /// `(transactions written, versions they carried)`.
+    fn stats(&self) -> (u64, u64) {
+        let group = self.group.lock();
+        (group.transactions, group.versions)
+    }
+
+    /// Close the connection once the writes in flight and queued are done
+    /// (idempotent); later writes raise `RuntimeError`.
+    fn close(&self, py: Python<'_>) {
+        let connection = py.detach(|| {
+            let mut group = self.group.lock();
+            group.closed = true;
+            while group.busy {
+                self.idle.wait(&mut group);
+            }
+            self.connection.lock().take()
+        });
+        drop(connection);
+    }
+
+    /// Whether the writer's connection is closed.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.connection.lock().is_none()
+    }
+}

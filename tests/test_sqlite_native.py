@@ -1,0 +1,272 @@
+"""The SQLite store's native writer (``_core.SqliteWriter``) and its group commit.
+
+The store contract runs on both SQLite write paths (``store_url``'s
+``sqlite-sqlite3`` param is the ``sqlite3`` module's); these tests cover what only
+the native writer has: choosing the library, callers of many threads sharing
+transactions while they wait without the GIL, turns for the store's other write
+connection (leases), a failed transaction reaching every caller it carried, and a
+signal arriving while a caller waits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wfstate import ClosedError, StateManager, StoreUnavailableError, WorkflowState, _core
+from wfstate.store.sqlite import _NATIVE_STATEMENTS, NATIVE_WRITER_ENV, SQLiteStore
+
+THREADS = 8
+
+
+def url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def sqlite_library_is_shared() -> bool:
+    """Whether the sqlite3 module's SQLite is a shared library of this process."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return any("libsqlite3" in line for line in maps)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "native.db"
+
+
+@pytest.fixture
+def manager(path: Path) -> Iterator[StateManager]:
+    with StateManager.open(url(path), durability="sync", connect_timeout=5.0) as opened:
+        yield opened
+
+
+def increment(state: WorkflowState) -> dict[str, Any]:
+    return {"variables": {"count": state.variables.get("count", 0) + 1}}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_native_writer_is_used_where_sqlite3_links_a_shared_library(path: Path) -> None:
+    store = SQLiteStore(str(path), display=url(path))
+    try:
+        assert store.native_writer is sqlite_library_is_shared()
+        assert store.groups_writes is store.native_writer
+    finally:
+        store.close()
+
+
+def test_the_sqlite3_path_can_be_chosen(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SQLiteStore(str(path), display=url(path), native_writer=False)
+    store.close()
+    assert not store.native_writer
+    monkeypatch.setenv(NATIVE_WRITER_ENV, "0")
+    with StateManager.open(url(path)) as manager:
+        manager.create_execution("e", workflow_id="w")
+        assert manager.update_state("e", {"variables": {"a": 1}}) == 2
+        stats = manager.stats()
+        assert (stats["group_commits"], stats["group_committed_versions"]) == (2, 2)
+
+
+def test_a_library_of_another_version_is_refused(path: Path) -> None:
+    SQLiteStore(str(path), display=url(path)).close()  # creates and migrates the file
+    with pytest.raises(ValueError, match="version"):
+        _core.SqliteWriter(str(path), _NATIVE_STATEMENTS, [], 1.0, "0.0.1")
+
+
+def test_a_closed_writer_refuses_writes(path: Path) -> None:
+    SQLiteStore(str(path), display=url(path)).close()
+    writer = _core.SqliteWriter(str(path), _NATIVE_STATEMENTS, [], 1.0, sqlite3.sqlite_version)
+    assert not writer.closed
+    writer.close()
+    writer.close()  # idempotent
+    assert writer.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.write_items([])
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.begin_exclusive()
+
+
+def test_a_closed_store_refuses_writes(path: Path) -> None:
+    manager = StateManager.open(url(path))
+    manager.create_execution("e", workflow_id="w")
+    store = manager._store
+    assert store is not None
+    manager.close()
+    with pytest.raises(ClosedError):
+        store.write([])
+
+
+def test_threads_share_transactions_and_lose_no_update(path: Path) -> None:
+    """Two managers (standing for two processes) on one file, 8 threads each: every
+    transact increment of one shared execution lands, and so does every update of
+    each thread's own execution; the native writer carried many callers per
+    transaction."""
+    rounds = 40
+    with (
+        StateManager.open(url(path), durability="sync") as first,
+        StateManager.open(url(path), durability="sync") as second,
+    ):
+        first.create_execution("shared", workflow_id="w", variables={"count": 0})
+        errors: list[BaseException] = []
+
+        def work(manager: StateManager, name: str) -> None:
+            try:
+                manager.create_execution(name, workflow_id="w", variables={"count": 0})
+                for _ in range(rounds):
+                    manager.transact("shared", increment, retries=1000)
+                    manager.transact(name, increment)
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [
+            threading.Thread(target=work, args=(manager, f"own-{n}-{index}"))
+            for n, manager in enumerate((first, second))
+            for index in range(THREADS)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        stats = first.stats()
+        assert stats["group_commits"] < stats["group_committed_versions"]
+    with StateManager.open(url(path)) as reopened:
+        assert reopened.get_state("shared").variables["count"] == 2 * THREADS * rounds
+        for n in range(2):
+            for index in range(THREADS):
+                assert reopened.get_state(f"own-{n}-{index}").variables["count"] == rounds
+
+
+def test_lease_writes_take_turns_with_group_committed_writes(path: Path) -> None:
+    """The store's lease operations use its other write connection: they queue with
+    the native writer's callers instead of waiting on the file's lock. With a lock
+    timeout of 1 ms, waiting on the lock would fail some of them."""
+    with StateManager.open(url(path), durability="sync", connect_timeout=0.001) as manager:
+        run_leases_beside_writes(manager)
+
+
+def run_leases_beside_writes(manager: StateManager) -> None:
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    grants: list[int] = []
+    for index in range(THREADS):
+        manager.create_execution(f"w-{index}", workflow_id="w", variables={"count": 0})
+    manager.create_execution("leased", workflow_id="w")
+
+    def write(name: str) -> None:
+        try:
+            while not stop.is_set():
+                manager.transact(name, increment)
+        except BaseException as error:
+            errors.append(error)
+
+    def lease() -> None:
+        try:
+            for _ in range(50):
+                held = manager.acquire("leased", owner="worker", ttl=5.0)
+                manager.renew(held)
+                manager.update_state("leased", {"variables": {"token": held.token}}, lease=held)
+                assert manager.release(held)
+                grants.append(held.token)
+        except BaseException as error:
+            errors.append(error)
+
+    writers = [threading.Thread(target=write, args=(f"w-{i}",)) for i in range(THREADS)]
+    leaser = threading.Thread(target=lease)
+    for thread in [*writers, leaser]:
+        thread.start()
+    leaser.join(timeout=60)
+    stop.set()
+    for thread in writers:
+        thread.join(timeout=60)
+    assert errors == []
+    assert grants == sorted(grants)
+    assert len(set(grants)) == 50
+    assert manager.get_state("leased").variables["token"] == grants[-1]
+
+
+def test_a_failed_transaction_fails_every_caller_it_carried_and_changes_nothing(
+    path: Path,
+) -> None:
+    """Another connection holds the file's write lock past the timeout: every
+    waiting caller gets StoreUnavailableError, memory stays at the stored version;
+    once the lock is gone, the same updates succeed."""
+    with StateManager.open(url(path), durability="sync", connect_timeout=0.3) as manager:
+        for index in range(4):
+            manager.create_execution(f"e-{index}", workflow_id="w")
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        failures: list[BaseException] = []
+
+        def update(name: str) -> None:
+            try:
+                manager.update_state(name, {"variables": {"a": 1}})
+            except BaseException as error:
+                failures.append(error)
+
+        threads = [threading.Thread(target=update, args=(f"e-{i}",)) for i in range(4)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert len(failures) == 4
+        assert all(isinstance(error, StoreUnavailableError) for error in failures)
+        assert "held the lock" in str(failures[0])
+        for index in range(4):
+            assert manager.get_state(f"e-{index}").version == 1
+            assert manager.update_state(f"e-{index}", {"variables": {"a": 1}}) == 2
+    with StateManager.open(url(path)) as reopened:
+        assert [reopened.get_state(f"e-{i}").version for i in range(4)] == [2, 2, 2, 2]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
+def test_a_signal_during_a_native_wait_is_raised_after_the_write(path: Path) -> None:
+    """The native writer's callers wait in Rust: a signal handler runs (and its
+    exception is raised) only once the write is done. The caller sees the
+    exception and its update is stored; memory has not published it, so the next
+    update catches up from the store and succeeds."""
+    with StateManager.open(url(path), durability="sync", connect_timeout=10.0) as manager:
+        manager.create_execution("e", workflow_id="w", variables={"count": 0})
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+
+        def conduct() -> None:
+            time.sleep(0.2)  # the main thread waits on the lock by now
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)
+            blocker.execute("ROLLBACK")
+
+        def handler(signum: int, frame: object) -> None:
+            raise _Interrupted
+
+        previous = signal.signal(signal.SIGUSR1, handler)
+        conductor = threading.Thread(target=conduct)
+        try:
+            conductor.start()
+            with pytest.raises(_Interrupted):
+                manager.update_state("e", {"variables": {"count": 1}})
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+            conductor.join(timeout=30)
+            blocker.close()
+        store = manager._store
+        assert store is not None
+        assert store.current_versions(["e"]) == {"e": 2}
+        assert manager.transact("e", increment) == 3
+        assert manager.get_state("e").variables["count"] == 2
