@@ -442,15 +442,16 @@ impl PyRecordBatch {
     /// The snapshots wanted, encoded (without the GIL): per chain, None or the bytes
     /// of its last state.
     pub(crate) fn snapshots(&self, py: Python<'_>, snapshot: &[bool]) -> Vec<Option<Vec<u8>>> {
-        py.detach(|| {
-            self.chains
-                .iter()
-                .zip(snapshot)
-                .map(|(chain, wanted)| {
-                    wanted.then(|| codec::encode_snapshot(&self.last(chain).state))
-                })
-                .collect()
-        })
+        py.detach(|| self.encode_snapshots(snapshot))
+    }
+
+    /// `snapshots`, for a caller that has let go of the GIL already.
+    pub(crate) fn encode_snapshots(&self, snapshot: &[bool]) -> Vec<Option<Vec<u8>>> {
+        self.chains
+            .iter()
+            .zip(snapshot)
+            .map(|(chain, wanted)| wanted.then(|| codec::encode_snapshot(&self.last(chain).state)))
+            .collect()
     }
 }
 

@@ -85,13 +85,8 @@ struct Api {
     changes: unsafe extern "C" fn(*mut Sqlite3) -> c_int,
     get_autocommit: unsafe extern "C" fn(*mut Sqlite3) -> c_int,
     errmsg: unsafe extern "C" fn(*mut Sqlite3) -> *const c_char,
-    errstr: unsafe extern "C" fn(c_int) -> *const c_char,
     extended_errcode: unsafe extern "C" fn(*mut Sqlite3) -> c_int,
 }
-
-/// The library names `dlopen` may know the `sqlite3` module's copy by.
-#[cfg(unix)]
-const LIBRARY_NAMES: [&CStr; 3] = [c"libsqlite3.so.0", c"libsqlite3.so", c"libsqlite3.dylib"];
 
 /// `pointer` as the function pointer type `F`.
 ///
@@ -103,25 +98,34 @@ unsafe fn function_pointer<F: Copy>(pointer: *mut c_void) -> F {
     unsafe { std::mem::transmute_copy::<*mut c_void, F>(&pointer) }
 }
 
+/// The C API as the `sqlite3` module's extension (`module_path`, loaded already)
+/// resolves it: `dlsym` on its handle searches the extension and then the libraries
+/// it was linked with, so every function is the one that module calls.
 #[cfg(unix)]
-fn load_api() -> Result<Api, String> {
-    // RTLD_NOLOAD: only a copy this process has loaded already (the sqlite3
-    // module's), never a second one.
-    let handle = LIBRARY_NAMES
-        .iter()
-        .map(|name| unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) })
-        .find(|handle| !handle.is_null())
-        .ok_or_else(|| "no shared SQLite library is loaded in this process".to_string())?;
+fn load_api(module_path: &str) -> Result<Api, String> {
+    let path = CString::new(module_path).map_err(|_| "a NUL in the module's path".to_string())?;
+    // RTLD_NOLOAD: only what this process has loaded already, never a second copy.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+    if handle.is_null() {
+        return Err(format!("{module_path} is not loaded as a shared library"));
+    }
     macro_rules! symbol {
         ($name:literal) => {{
             let pointer = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr().cast()) };
             if pointer.is_null() {
-                return Err(format!("the loaded SQLite library has no {}", $name));
+                return Err(format!(
+                    "the sqlite3 module does not export {} (SQLite linked into it)",
+                    $name
+                ));
             }
             // SAFETY: the symbol is the SQLite C API function of that name, whose
             // signature the field's type spells out.
             unsafe { function_pointer(pointer) }
         }};
+    }
+    let threadsafe: unsafe extern "C" fn() -> c_int = symbol!("sqlite3_threadsafe");
+    if unsafe { threadsafe() } == 0 {
+        return Err("the SQLite library is built without thread support".to_string());
     }
     Ok(Api {
         libversion: symbol!("sqlite3_libversion"),
@@ -146,19 +150,21 @@ fn load_api() -> Result<Api, String> {
         changes: symbol!("sqlite3_changes"),
         get_autocommit: symbol!("sqlite3_get_autocommit"),
         errmsg: symbol!("sqlite3_errmsg"),
-        errstr: symbol!("sqlite3_errstr"),
         extended_errcode: symbol!("sqlite3_extended_errcode"),
     })
 }
 
 #[cfg(not(unix))]
-fn load_api() -> Result<Api, String> {
+fn load_api(_module_path: &str) -> Result<Api, String> {
     Err("the native SQLite writer needs dlopen".to_string())
 }
 
-fn api() -> Result<&'static Api, String> {
+/// The API, loaded once per process (from the first module path given).
+fn api(module_path: &str) -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    API.get_or_init(load_api).as_ref().map_err(Clone::clone)
+    API.get_or_init(|| load_api(module_path))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 // -- errors -------------------------------------------------------------------------
@@ -171,26 +177,72 @@ struct SqlError {
 }
 
 impl SqlError {
-    /// As the `sqlite3` module raises it (`sqlite_errorcode`, `sqlite_errorname`), so
-    /// that the store's retry and error wording treat both paths alike.
+    /// As the `sqlite3` module raises it: its exception class for the primary code,
+    /// with `sqlite_errorcode` (the extended code) and `sqlite_errorname` (the
+    /// primary code's name), so that the store's retry and wording treat both paths
+    /// alike.
     fn into_py(self, py: Python<'_>) -> PyErr {
         let build = || -> PyResult<PyErr> {
             let module = py.import("sqlite3")?;
-            let class = match self.code & 0xFF {
-                19 => "IntegrityError", // SQLITE_CONSTRAINT
-                _ => "OperationalError",
+            let primary = self.code & 0xFF;
+            let class = match primary {
+                2 | 12 => "InternalError",
+                11 => "DatabaseError",
+                18 => "DataError",
+                19 | 20 => "IntegrityError",
+                21 | 25 => "InterfaceError",
+                1 | 3..=10 | 13..=17 => "OperationalError",
+                _ => "DatabaseError",
             };
             let error = module.getattr(class)?.call1((self.message.as_str(),))?;
             error.setattr("sqlite_errorcode", self.code)?;
-            let name = api()
-                .map(|api| unsafe { CStr::from_ptr((api.errstr)(self.code)) })
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            error.setattr("sqlite_errorname", name)?;
+            error.setattr("sqlite_errorname", primary_name(primary))?;
             Ok(PyErr::from_value(error))
         };
         build().unwrap_or_else(|error| error)
     }
+}
+
+/// The name of a primary result code, as `sqlite3.Error.sqlite_errorname` gives it.
+fn primary_name(code: c_int) -> String {
+    const NAMES: [&str; 29] = [
+        "OK",
+        "ERROR",
+        "INTERNAL",
+        "PERM",
+        "ABORT",
+        "BUSY",
+        "LOCKED",
+        "NOMEM",
+        "READONLY",
+        "INTERRUPT",
+        "IOERR",
+        "CORRUPT",
+        "NOTFOUND",
+        "FULL",
+        "CANTOPEN",
+        "PROTOCOL",
+        "EMPTY",
+        "SCHEMA",
+        "TOOBIG",
+        "CONSTRAINT",
+        "MISMATCH",
+        "MISUSE",
+        "NOLFS",
+        "AUTH",
+        "FORMAT",
+        "RANGE",
+        "NOTADB",
+        "NOTICE",
+        "WARNING",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|index| NAMES.get(index))
+        .map_or_else(
+            || format!("SQLITE_UNKNOWN_{code}"),
+            |name| format!("SQLITE_{name}"),
+        )
 }
 
 type SqlResult<T> = Result<T, SqlError>;
@@ -797,7 +849,18 @@ impl PySqliteWriter {
         }
         let chains: Vec<&Planned> = batch.iter().flat_map(|j| &j.chains).collect();
         let outcome = match self.connection.lock().as_ref() {
-            Some(connection) => write_chains(connection, &chains, self.newer_limit, self.timeout),
+            // A panic must not leave the group without a leader (every later caller
+            // would wait forever): it becomes the batch's error.
+            Some(connection) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_chains(connection, &chains, self.newer_limit, self.timeout)
+            }))
+            .unwrap_or_else(|_| {
+                connection.rollback();
+                Err(SqlError {
+                    code: 2, // SQLITE_INTERNAL
+                    message: "the native SQLite writer panicked; nothing was written".to_string(),
+                })
+            }),
             None => Err(SqlError {
                 code: 21, // SQLITE_MISUSE
                 message: "the native SQLite writer is closed".to_string(),
@@ -849,20 +912,31 @@ impl PySqliteWriter {
         }
     }
 
-    /// Write `chains` with the group (without the GIL) and return the refusals by
-    /// chain index.
-    fn commit(&self, py: Python<'_>, chains: Vec<Planned>) -> PyResult<Vec<(usize, Refusal)>> {
+    /// Write `chains` with the group and return the refusals by chain index. Called
+    /// without the GIL.
+    fn commit(&self, chains: Vec<Planned>) -> Result<Outcome, Closed> {
         let job = Job::new(chains, false);
-        let outcome = py.detach(|| match self.enqueue(&job)? {
+        match self.enqueue(&job)? {
             Some(outcome) => Ok(outcome),
             None => Ok(self.lead(&job)),
-        });
-        match outcome {
-            Err(Closed) => Err(closed_error()),
-            Ok(outcome) => outcome.map_err(|error| error.into_py(py)),
         }
     }
 }
+
+/// A commit's result as Python sees it: the refusals, or the `sqlite3` module's
+/// error, or `RuntimeError` once closed.
+fn outcome_to_py(
+    py: Python<'_>,
+    outcome: Result<Outcome, Closed>,
+) -> PyResult<Vec<(usize, Refusal)>> {
+    match outcome {
+        Err(Closed) => Err(closed_error()),
+        Ok(outcome) => outcome.map_err(|error| error.into_py(py)),
+    }
+}
+
+/// The longest lock timeout honoured, in seconds (a day).
+const MAX_TIMEOUT_S: f64 = 86_400.0;
 
 fn closed_error() -> PyErr {
     PyRuntimeError::new_err("the native SQLite writer is closed")
@@ -877,23 +951,26 @@ impl PySqliteWriter {
     /// A transaction carries at most `max_batch` versions (more when one caller's
     /// write alone is larger); a conflict carries at most `newer_limit` newer deltas.
     ///
-    /// Raises `ValueError` when the `sqlite3` module's SQLite library cannot be used
-    /// (not loaded as a shared library, or of another version than
+    /// The C API comes from `module_path`, the `sqlite3` module's extension
+    /// (`_sqlite3.__file__`), as it resolves it. Raises `ValueError` when that
+    /// cannot be used (not a shared library, SQLite linked into it without exported
+    /// functions, a library without thread support, another version than
     /// `expected_version`), and the `sqlite3` module's errors when opening fails.
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (path, statements, pragmas, timeout, expected_version, *, max_batch = 1000, newer_limit = 64))]
+    #[pyo3(signature = (path, statements, pragmas, timeout, module_path, expected_version, *, max_batch = 1000, newer_limit = 64))]
     fn new(
         py: Python<'_>,
         path: &str,
         statements: HashMap<String, String>,
         pragmas: Vec<String>,
         timeout: f64,
+        module_path: &str,
         expected_version: &str,
         max_batch: u64,
         newer_limit: i64,
     ) -> PyResult<Self> {
-        let api = api().map_err(PyValueError::new_err)?;
+        let api = api(module_path).map_err(PyValueError::new_err)?;
         let version = unsafe { CStr::from_ptr((api.libversion)()) }.to_string_lossy();
         if version != expected_version {
             return Err(PyValueError::new_err(format!(
@@ -906,7 +983,9 @@ impl PySqliteWriter {
                 "timeout must be finite and >= 0, max_batch > 0, newer_limit >= 0",
             ));
         }
-        let busy_ms = c_int::try_from((timeout * 1000.0) as i64).unwrap_or(c_int::MAX);
+        // Longer than a day is forever: clamped, so that no deadline can overflow.
+        let timeout = Duration::from_secs_f64(timeout.min(MAX_TIMEOUT_S));
+        let busy_ms = c_int::try_from(timeout.as_millis()).unwrap_or(c_int::MAX);
         let connection = py
             .detach(|| Connection::open(api, path, &statements, &pragmas, busy_ms))
             .map_err(|error| error.into_py(py))?;
@@ -916,7 +995,7 @@ impl PySqliteWriter {
             connection: Mutex::new(Some(connection)),
             max_batch,
             newer_limit,
-            timeout: Duration::from_secs_f64(timeout),
+            timeout,
         })
     }
 
@@ -938,7 +1017,8 @@ impl PySqliteWriter {
             .iter()
             .map(|(chain, _)| Planned::new(chain))
             .collect();
-        self.commit(py, planned)?
+        let outcome = py.detach(|| self.commit(planned));
+        outcome_to_py(py, outcome)?
             .into_iter()
             .map(|(index, refusal)| Ok((chains[index].1.clone(), refusal.into_py(py)?)))
             .collect()
@@ -956,37 +1036,44 @@ impl PySqliteWriter {
         snapshot: Vec<bool>,
     ) -> PyResult<(Vec<(String, Bound<'py, PyAny>)>, Vec<usize>)> {
         batch.check_flags(&snapshot)?;
-        let snapshots = batch.snapshots(py, &snapshot);
-        let sizes = snapshots
-            .iter()
-            .map(|s| s.as_ref().map_or(0, Vec::len))
-            .collect();
         let batch: &PyRecordBatch = &batch;
-        let planned: Vec<Planned> =
-            py.detach(|| batch.views(&snapshots).iter().map(Planned::new).collect());
-        let ids: Vec<String> = planned.iter().map(|chain| chain.id.clone()).collect();
-        let refusals = self
-            .commit(py, planned)?
+        // One release of the GIL for the whole batch: while other threads run
+        // Python, taking the GIL back can wait a switch interval (5 ms) each time.
+        let (outcome, sizes, ids) = py.detach(|| {
+            let snapshots = batch.encode_snapshots(&snapshot);
+            let sizes: Vec<usize> = snapshots
+                .iter()
+                .map(|s| s.as_ref().map_or(0, Vec::len))
+                .collect();
+            let planned: Vec<Planned> = batch.views(&snapshots).iter().map(Planned::new).collect();
+            let ids: Vec<String> = planned.iter().map(|chain| chain.id.clone()).collect();
+            (self.commit(planned), sizes, ids)
+        });
+        let refusals = outcome_to_py(py, outcome)?
             .into_iter()
             .map(|(index, refusal)| Ok((ids[index].clone(), refusal.into_py(py)?)))
             .collect::<PyResult<_>>()?;
         Ok((refusals, sizes))
     }
 
-    /// Wait (without the GIL) for a turn of its own, as if writing: until
-    /// `end_exclusive`, no transaction of this writer runs. For writes on another
-    /// connection of the same process (the store's leases), which would otherwise
-    /// wait on the file's lock.
-    fn begin_exclusive(&self, py: Python<'_>) -> PyResult<()> {
+    /// Wait (without the GIL) for a turn of its own in the queue, as if writing; call
+    /// `operation()` in it; return its result. No transaction of this writer runs
+    /// meanwhile. For writes on another connection of the same process (the store's
+    /// leases), which would otherwise wait on the file's lock. The turn is handed
+    /// on however `operation` ends (a signal handler's exception, raised once the
+    /// wait is over, included).
+    fn exclusive(&self, py: Python<'_>, operation: Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        struct HandOn<'a>(&'a PySqliteWriter);
+        impl Drop for HandOn<'_> {
+            fn drop(&mut self) {
+                self.0.hand_on();
+            }
+        }
         let job = Job::new(Vec::new(), true);
         py.detach(|| self.enqueue(&job))
-            .map(|_| ())
-            .map_err(|Closed| closed_error())
-    }
-
-    /// End the turn `begin_exclusive` gave.
-    fn end_exclusive(&self) {
-        self.hand_on();
+            .map_err(|Closed| closed_error())?;
+        let _turn = HandOn(self);
+        operation.call0().map(Bound::unbind)
     }
 
     /// `(transactions written, versions they carried)`.

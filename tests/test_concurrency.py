@@ -21,6 +21,7 @@ from wfstate import (
     ConflictError,
     EventType,
     StateManager,
+    StoreUnavailableError,
     WorkflowState,
 )
 from wfstate._durable import GroupCommitter
@@ -308,3 +309,56 @@ def test_a_group_commit_waiter_interrupted_by_a_signal_still_does_its_part() -> 
     assert outcomes == {"first": [None], "behind": [None]}
     commit("after")
     assert outcomes["after"] == [None]
+
+
+class _InterruptedStore(_HeldStore):
+    """Its first write blocks until ``release``; its second is interrupted the way a
+    KeyboardInterrupt interrupts the leader's thread."""
+
+    url = "memory://interrupted"
+
+    def write(self, items: Sequence[object]) -> list[None]:
+        if self.entered.is_set():
+            raise KeyboardInterrupt
+        return super().write(items)
+
+
+def test_an_interrupted_leader_raises_alone_and_its_waiters_learn_the_outcome_is_unknown() -> None:
+    """The leader's write is interrupted (KeyboardInterrupt in its thread): the leader
+    raises it; the callers its transaction carried get StoreUnavailableError, the
+    outcome unknown, not an interruption of a thread that is not theirs."""
+    store = _InterruptedStore()
+    committer = GroupCommitter(cast(Store, store), max_batch=100)
+    raised: dict[str, BaseException | None] = {}
+
+    def commit(name: str) -> None:
+        try:
+            committer.commit([cast(WriteItem, name)])
+            raised[name] = None
+        except BaseException as error:
+            raised[name] = error
+
+    first = threading.Thread(target=commit, args=("first",))
+    first.start()
+    assert store.entered.wait(timeout=30)
+    queued = [threading.Thread(target=commit, args=(name,)) for name in ("lead", "a", "b")]
+    deadline = time.monotonic() + 30
+    for count, thread in enumerate(queued, start=1):
+        thread.start()
+        while len(committer._queue) < count and time.monotonic() < deadline:
+            time.sleep(0.001)
+    store.release.set()
+    for thread in [first, *queued]:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert raised["first"] is None
+    assert isinstance(raised["lead"], KeyboardInterrupt)
+    for name in ("a", "b"):
+        error = raised[name]
+        assert isinstance(error, StoreUnavailableError)
+        assert "interrupted in another thread" in str(error)
+        assert error.target == store.url
+    # The committer still works.
+    store.entered.clear()
+    commit("after")
+    assert raised["after"] is None

@@ -10,6 +10,7 @@ signal arriving while a caller waits.
 
 from __future__ import annotations
 
+import _sqlite3
 import os
 import signal
 import sqlite3
@@ -78,12 +79,14 @@ def test_the_sqlite3_path_can_be_chosen(path: Path, monkeypatch: pytest.MonkeyPa
 def test_a_library_of_another_version_is_refused(path: Path) -> None:
     SQLiteStore(str(path), display=url(path)).close()  # creates and migrates the file
     with pytest.raises(ValueError, match="version"):
-        _core.SqliteWriter(str(path), _NATIVE_STATEMENTS, [], 1.0, "0.0.1")
+        _core.SqliteWriter(str(path), _NATIVE_STATEMENTS, [], 1.0, _sqlite3.__file__, "0.0.1")
 
 
 def test_a_closed_writer_refuses_writes(path: Path) -> None:
     SQLiteStore(str(path), display=url(path)).close()
-    writer = _core.SqliteWriter(str(path), _NATIVE_STATEMENTS, [], 1.0, sqlite3.sqlite_version)
+    writer = _core.SqliteWriter(
+        str(path), _NATIVE_STATEMENTS, [], 1.0, _sqlite3.__file__, sqlite3.sqlite_version
+    )
     assert not writer.closed
     writer.close()
     writer.close()  # idempotent
@@ -91,7 +94,7 @@ def test_a_closed_writer_refuses_writes(path: Path) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         writer.write_items([])
     with pytest.raises(RuntimeError, match="closed"):
-        writer.begin_exclusive()
+        writer.exclusive(lambda: None)
 
 
 def test_a_closed_store_refuses_writes(path: Path) -> None:
@@ -270,3 +273,52 @@ def test_a_signal_during_a_native_wait_is_raised_after_the_write(path: Path) -> 
         assert store.current_versions(["e"]) == {"e": 2}
         assert manager.transact("e", increment) == 3
         assert manager.get_state("e").variables["count"] == 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
+def test_a_signal_during_a_wait_for_a_lease_turn_hands_the_turn_on(path: Path) -> None:
+    """A lease call waits for its turn behind a native write that waits on the file's
+    lock; a signal handler raises meanwhile. The call raises once its turn comes,
+    and the turn is handed on: later writes and leases still run."""
+    with StateManager.open(url(path), durability="sync", connect_timeout=10.0) as manager:
+        manager.create_execution("written", workflow_id="w")
+        manager.create_execution("leased", workflow_id="w")
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        writer = threading.Thread(
+            target=manager.update_state, args=("written", {"variables": {"a": 1}})
+        )
+
+        def conduct() -> None:
+            time.sleep(0.2)  # the writer leads, waiting on the lock; acquire queues
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)
+            blocker.execute("ROLLBACK")
+
+        def handler(signum: int, frame: object) -> None:
+            raise _Interrupted
+
+        previous = signal.signal(signal.SIGUSR1, handler)
+        conductor = threading.Thread(target=conduct)
+        try:
+            writer.start()
+            time.sleep(0.05)
+            conductor.start()
+            with pytest.raises(_Interrupted):
+                manager.acquire("leased", owner="worker", ttl=5.0)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+            conductor.join(timeout=30)
+            writer.join(timeout=30)
+            blocker.close()
+        done: list[object] = []
+
+        def later() -> None:
+            done.append(manager.update_state("written", {"variables": {"a": 2}}))
+            done.append(manager.acquire("leased", owner="worker", ttl=5.0).token)
+
+        follower = threading.Thread(target=later, daemon=True)
+        follower.start()
+        follower.join(timeout=30)
+        assert not follower.is_alive(), "the turn was never handed on"
+        assert done[0] == 3

@@ -2,10 +2,12 @@
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, final
+from typing import Any, TypeVar, final
 
 from wfstate._model import EventType, ExecutionStatus, NodeStatus, StateUpdate
 from wfstate.store.base import LoadedExecution
+
+_T = TypeVar("_T")
 
 __all__ = [
     "Core",
@@ -233,6 +235,7 @@ class SqliteWriter:
         statements: Mapping[str, str],
         pragmas: Sequence[str],
         timeout: float,
+        module_path: str,
         expected_version: str,
         *,
         max_batch: int = 1000,
@@ -245,8 +248,7 @@ class SqliteWriter:
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
     ) -> tuple[list[tuple[str, tuple[Any, ...]]], list[int]]: ...
-    def begin_exclusive(self) -> None: ...
-    def end_exclusive(self) -> None: ...
+    def exclusive(self, operation: Callable[[], _T]) -> _T: ...
     def stats(self) -> tuple[int, int]: ...
     def close(self) -> None: ...
     @property

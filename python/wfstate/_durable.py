@@ -131,6 +131,23 @@ def _wait_through(wake: threading.Lock) -> BaseException | None:
             return interrupted
 
 
+def _for_waiter(error: BaseException, store: Store) -> BaseException:
+    """What a waiter gets when the leader's write of its items failed with ``error``.
+
+    An ``Exception`` is the write's outcome, shared. An interruption of the leader's
+    own thread (KeyboardInterrupt, SystemExit) is not the waiter's: it gets
+    ``StoreUnavailableError``, the outcome unknown (as after a lost reply: memory
+    stays behind, and the next write of the execution catches up if it was stored).
+    """
+    if isinstance(error, Exception):
+        return error
+    return StoreUnavailableError(
+        f"the write carrying this update was interrupted in another thread ({error!r}); "
+        f"whether {store.url} stored it is unknown",
+        target=store.url,
+    )
+
+
 class GroupCommitter:
     """Sync writes of many threads, committed together (see the module docs)."""
 
@@ -194,7 +211,7 @@ class GroupCommitter:
             # our items head the queue).
             interrupted = _wait_through(pending.wake)
         if not pending.finished:
-            self._lead()
+            self._lead(pending)
         if interrupted is not None:
             # Raised once this caller's part is done; its items may be stored (as
             # after a lost reply: the next write of the execution catches up).
@@ -203,7 +220,7 @@ class GroupCommitter:
             raise pending.error
         return pending.outcomes
 
-    def _lead(self) -> None:
+    def _lead(self, own: _Pending) -> None:
         batch: list[_Pending] = []
         try:
             with self._lock:
@@ -219,7 +236,7 @@ class GroupCommitter:
                 outcomes = self._store.write(items)
             except BaseException as error:  # every waiter must learn the outcome
                 for pending in batch:
-                    pending.error = error
+                    pending.error = error if pending is own else _for_waiter(error, self._store)
             else:
                 position = 0
                 for pending in batch:

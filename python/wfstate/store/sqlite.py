@@ -40,6 +40,7 @@ carrying connections across ``fork``).
 
 from __future__ import annotations
 
+import _sqlite3
 import json
 import math
 import os
@@ -577,6 +578,7 @@ class SQLiteStore:
                 _NATIVE_STATEMENTS,
                 [self._synchronous_pragma],
                 self._connect_timeout,
+                _sqlite3.__file__,
                 sqlite3.sqlite_version,
                 max_batch=_NATIVE_MAX_BATCH,
                 newer_limit=NEWER_DELTAS_LIMIT,
@@ -738,6 +740,13 @@ class SQLiteStore:
                         outcomes[position] = refusal
         return outcomes
 
+    def _closed_meanwhile(self, native: _core.SqliteWriter, error: RuntimeError) -> Exception:
+        """``ClosedError`` when ``error`` says the native writer was closed (by
+        ``close()`` after this call checked), else ``error`` itself."""
+        if native.closed:
+            return ClosedError(f"the SQLite store {self.url} is closed")
+        return error
+
     def _write_native(
         self, native: _core.SqliteWriter, items: Sequence[WriteItem]
     ) -> list[WfstateError | None]:
@@ -749,8 +758,8 @@ class SQLiteStore:
             refused = native.write_items([(i.record, i.snapshot, i.lease) for i in items])
         except sqlite3.Error as e:
             raise self._unavailable("writing", e) from e
-        except RuntimeError as e:  # closed meanwhile
-            raise ClosedError(f"the SQLite store {self.url} is closed") from e
+        except RuntimeError as e:
+            raise self._closed_meanwhile(native, e) from e
         for positions, refusal in refused:
             record = items[positions[0]].record
             error = _native_refusal(record.execution_id, record.base_version, refusal)
@@ -789,8 +798,8 @@ class SQLiteStore:
                 refused, sizes = native.write_batch(batch, list(snapshot))
             except sqlite3.Error as e:
                 raise self._unavailable("writing", e) from e
-            except RuntimeError as e:  # closed meanwhile
-                raise ClosedError(f"the SQLite store {self.url} is closed") from e
+            except RuntimeError as e:
+                raise self._closed_meanwhile(native, e) from e
             if not refused:
                 return {}, sizes
             bases = {chain[0]: chain[1] for chain in batch.chains()}
@@ -950,13 +959,12 @@ class SQLiteStore:
             # The native writer's connection is this process's other writer: take a
             # turn in its queue rather than wait on the file's lock.
             try:
-                native.begin_exclusive()
+                result: _Result = native.exclusive(
+                    lambda: self._retrying(self._writer, transaction, doing=doing)
+                )
             except RuntimeError as e:
-                raise ClosedError(f"the SQLite store {self.url} is closed") from e
-            try:
-                return self._retrying(self._writer, transaction, doing=doing)
-            finally:
-                native.end_exclusive()
+                raise self._closed_meanwhile(native, e) from e
+            return result
 
     def acquire_lease(self, execution_id: str, owner: str, ttl_us: int) -> LeaseGrant:
         def operation(writer: sqlite3.Connection) -> LeaseGrant:
@@ -1039,7 +1047,9 @@ class SQLiteStore:
             reader.close()
         # Waits for a write in flight; later writes see ``_closed``.
         with self._write_lock:
-            if self._native is not None:
+            # In a forked child the writer's state is the parent's at the fork (a
+            # write may have been in flight): leave it alone.
+            if self._native is not None and os.getpid() == self._pid:
                 self._native.close()
             if os.getpid() == self._pid:
                 try:
