@@ -457,7 +457,7 @@ impl PyRecordBatch {
 
 #[pymethods]
 impl PyRecordBatch {
-    fn __len__(&self) -> usize {
+    pub(crate) fn __len__(&self) -> usize {
         self.records.len()
     }
 
@@ -476,7 +476,7 @@ impl PyRecordBatch {
     /// last version, last status, total delta bytes, the first version's delta
     /// bytes, versions)`.
     #[allow(clippy::type_complexity)]
-    fn chains(&self) -> Vec<(String, u64, u64, &'static str, usize, usize, usize)> {
+    pub(crate) fn chains(&self) -> Vec<(String, u64, u64, &'static str, usize, usize, usize)> {
         self.chains
             .iter()
             .map(|chain| {

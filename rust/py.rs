@@ -479,50 +479,79 @@ impl PyEventCursor {
     ) -> PyResult<Vec<PyVersionRecord>> {
         let id = self.open_id()?;
         let deadline = timeout.map(|t| deadline_after(t, "timeout")).transpose()?;
-        let ring = &self.ring;
-        let records = py.detach(|| -> Result<Vec<PyVersionRecord>, CoreError> {
-            let slots = ring.read_slots(id, max_events, deadline)?;
-            let mut records = Vec::new();
-            let mut start = 0;
-            while start < slots.len() {
-                let first = &slots[start].event;
-                let mut end = start + 1;
-                while end < slots.len()
-                    && slots[end].event.version == first.version
-                    && slots[end].event.execution_id == first.execution_id
-                {
-                    end += 1;
-                }
-                let group = &slots[start..end];
-                if !group.iter().all(|slot| slot.persisted) {
-                    let state = group[0].state.clone();
-                    let base = if first.kind == EventKind::ExecutionCreated {
-                        0
-                    } else {
-                        first.version - 1
-                    };
-                    records.push(PyVersionRecord::new(
-                        state,
-                        base,
-                        first.actor.clone(),
-                        group.iter().map(|slot| {
-                            (
-                                slot.event.kind,
-                                slot.event.node_id.clone(),
-                                &*slot.event.data,
-                            )
-                        }),
-                        group[end - start - 1].event.seq,
-                    ));
-                }
-                start = end;
+        Ok(py.detach(|| self.versions_until(id, max_events, deadline))?)
+    }
+
+    /// Whole versions not yet persisted, from up to `max_events` events (waiting for
+    /// the first until `deadline`). Needs no GIL.
+    fn versions_until(
+        &self,
+        id: u64,
+        max_events: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<PyVersionRecord>, CoreError> {
+        let slots = self.ring.read_slots(id, max_events, deadline)?;
+        let mut records = Vec::new();
+        let mut start = 0;
+        while start < slots.len() {
+            let first = &slots[start].event;
+            let mut end = start + 1;
+            while end < slots.len()
+                && slots[end].event.version == first.version
+                && slots[end].event.execution_id == first.execution_id
+            {
+                end += 1;
             }
-            Ok(records)
-        })?;
+            let group = &slots[start..end];
+            if !group.iter().all(|slot| slot.persisted) {
+                let state = group[0].state.clone();
+                let base = if first.kind == EventKind::ExecutionCreated {
+                    0
+                } else {
+                    first.version - 1
+                };
+                records.push(PyVersionRecord::new(
+                    state,
+                    base,
+                    first.actor.clone(),
+                    group.iter().map(|slot| {
+                        (
+                            slot.event.kind,
+                            slot.event.node_id.clone(),
+                            &*slot.event.data,
+                        )
+                    }),
+                    group[end - start - 1].event.seq,
+                ));
+            }
+            start = end;
+        }
         Ok(records)
     }
 
-    fn open_id(&self) -> Result<u64, CoreError> {
+    /// `read_batch` for a caller that has let go of the GIL already: the timeout
+    /// checked (`deadline_for`) and the cursor's id (`open_id`) in hand.
+    pub(crate) fn batch_until(
+        &self,
+        id: u64,
+        max_events: usize,
+        deadline: Option<Instant>,
+        skip_before: Option<&HashMap<String, u64>>,
+    ) -> Result<PyRecordBatch, CoreError> {
+        let mut records = self.versions_until(id, max_events, deadline)?;
+        let mut dropped = 0;
+        if let Some(skip) = skip_before.filter(|skip| !skip.is_empty()) {
+            let before = records.len();
+            records.retain(|record| {
+                skip.get(&*record.state.execution_id)
+                    .is_none_or(|reset_seq| record.last_seq >= *reset_seq)
+            });
+            dropped = before - records.len();
+        }
+        Ok(PyRecordBatch::new(records, dropped))
+    }
+
+    pub(crate) fn open_id(&self) -> Result<u64, CoreError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(CoreError::Closed("the event cursor is closed".into()));
         }
@@ -606,17 +635,9 @@ impl PyEventCursor {
         timeout: Option<f64>,
         skip_before: Option<HashMap<String, u64>>,
     ) -> PyResult<PyRecordBatch> {
-        let mut records = self.read_versions(py, max_events, timeout)?;
-        let mut dropped = 0;
-        if let Some(skip) = skip_before.filter(|skip| !skip.is_empty()) {
-            let before = records.len();
-            records.retain(|record| {
-                skip.get(&*record.state.execution_id)
-                    .is_none_or(|reset_seq| record.last_seq >= *reset_seq)
-            });
-            dropped = before - records.len();
-        }
-        Ok(PyRecordBatch::new(records, dropped))
+        let id = self.open_id()?;
+        let deadline = timeout.map(|t| deadline_after(t, "timeout")).transpose()?;
+        Ok(py.detach(|| self.batch_until(id, max_events, deadline, skip_before.as_ref()))?)
     }
 
     /// Mark events up to `seq` (default: all read so far) as taken.
@@ -633,7 +654,7 @@ impl PyEventCursor {
     }
 }
 
-fn deadline_after(seconds: f64, what: &str) -> Result<Instant, CoreError> {
+pub(crate) fn deadline_after(seconds: f64, what: &str) -> Result<Instant, CoreError> {
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(CoreError::Validation(format!(
             "{what} must be a non-negative number of seconds, not {seconds}"

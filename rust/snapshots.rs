@@ -181,7 +181,7 @@ impl Tracker {
     }
 }
 
-fn is_final(status: &str) -> bool {
+pub(crate) fn is_final(status: &str) -> bool {
     ExecStatus::parse(status).is_some_and(ExecStatus::is_final)
 }
 
@@ -194,6 +194,13 @@ fn is_final(status: &str) -> bool {
 #[pyclass(frozen, module = "wfstate._core", name = "SnapshotTracker")]
 pub struct PySnapshotTracker {
     tracker: Tracker,
+}
+
+impl PySnapshotTracker {
+    /// The bookkeeping, for a caller without the GIL.
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
 }
 
 #[pymethods]

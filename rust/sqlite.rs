@@ -24,9 +24,12 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyTuple};
 
 use crate::batch::{sqlite_chain_rows, ChainView, PyRecordBatch, RowKind, SqlValue, SyncItem};
+use crate::errors::CoreError;
+use crate::py::{deadline_after, PyEventCursor};
+use crate::snapshots::{is_final, PySnapshotTracker};
 
 // -- the C API, from the loaded library --------------------------------------------
 
@@ -1074,6 +1077,97 @@ impl PySqliteWriter {
             .map_err(|Closed| closed_error())?;
         let _turn = HandOn(self);
         operation.call0().map(Bound::unbind)
+    }
+
+    /// The write-behind's step in one release of the GIL: read the next batch from
+    /// the durable `cursor` (up to `max_events` events, waiting up to `timeout`
+    /// seconds for the first; `skip_before` as `EventCursor.read_batch` takes it),
+    /// decide its snapshots with `tracker` (`decide_chain` per chain), and write it
+    /// with the group. Returns `(batch, batch.chains(), snapshot flags, refusals by
+    /// execution id or None, snapshot sizes or None, error or None)`: nothing written
+    /// for an empty batch; on a failed write, the `sqlite3` module's error (or
+    /// `RuntimeError` once closed) and the batch and flags to retry with
+    /// `write_batch`. The cursor is not committed.
+    #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (cursor, tracker, max_events, timeout, skip_before = None))]
+    fn pump<'py>(
+        &self,
+        py: Python<'py>,
+        cursor: PyRef<'py, PyEventCursor>,
+        tracker: PyRef<'py, PySnapshotTracker>,
+        max_events: usize,
+        timeout: f64,
+        skip_before: Option<HashMap<String, u64>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let id = cursor.open_id()?;
+        let deadline = Some(deadline_after(timeout, "timeout")?);
+        let cursor: &PyEventCursor = &cursor;
+        let tracker: &PySnapshotTracker = &tracker;
+        let (batch, chains, flags, written) = py.detach(|| -> Result<_, CoreError> {
+            let batch = cursor.batch_until(id, max_events, deadline, skip_before.as_ref())?;
+            let chains = batch.chains();
+            let flags: Vec<bool> = chains
+                .iter()
+                .map(|(id, base, last, status, bytes, first, _)| {
+                    tracker.tracker().decide_chain(
+                        id,
+                        *base,
+                        *last,
+                        is_final(status),
+                        *bytes as u64,
+                        *first as u64,
+                    )
+                })
+                .collect();
+            if batch.__len__() == 0 {
+                return Ok((batch, chains, flags, None));
+            }
+            let snapshots = batch.encode_snapshots(&flags);
+            let sizes: Vec<usize> = snapshots
+                .iter()
+                .map(|s| s.as_ref().map_or(0, Vec::len))
+                .collect();
+            let planned: Vec<Planned> = batch.views(&snapshots).iter().map(Planned::new).collect();
+            let ids: Vec<String> = planned.iter().map(|chain| chain.id.clone()).collect();
+            let outcome = self.commit(planned);
+            Ok((batch, chains, flags, Some((outcome, sizes, ids))))
+        })?;
+        let none = || py.None().into_bound(py);
+        let (refusals, sizes, error) = match written {
+            None => (none(), none(), none()),
+            Some((Ok(Ok(refusals)), sizes, ids)) => {
+                let refusals = refusals
+                    .into_iter()
+                    .map(|(index, refusal)| Ok((ids[index].clone(), refusal.into_py(py)?)))
+                    .collect::<PyResult<Vec<_>>>()?;
+                (
+                    refusals.into_pyobject(py)?.into_any(),
+                    sizes.into_pyobject(py)?.into_any(),
+                    none(),
+                )
+            }
+            Some((Ok(Err(error)), _, _)) => (
+                none(),
+                none(),
+                error.into_py(py).into_value(py).into_bound(py).into_any(),
+            ),
+            Some((Err(Closed), _, _)) => (
+                none(),
+                none(),
+                closed_error().into_value(py).into_bound(py).into_any(),
+            ),
+        };
+        PyTuple::new(
+            py,
+            [
+                Bound::new(py, batch)?.into_any(),
+                chains.into_pyobject(py)?.into_any(),
+                flags.into_pyobject(py)?.into_any(),
+                refusals,
+                sizes,
+                error,
+            ],
+        )
     }
 
     /// `(transactions written, versions they carried)`.

@@ -19,7 +19,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +43,9 @@ from wfstate import (
     WfstateError,
     WorkflowState,
 )
-from wfstate._core import RecordBatch
+from wfstate._core import EventCursor, RecordBatch, SnapshotTracker
 from wfstate.store import Store, open_store
-from wfstate.store.base import LeaseGrant, LoadedExecution, WriteItem
+from wfstate.store.base import LeaseGrant, LoadedExecution, PendingWrite, WriteItem
 from wfstate.store.memory import MemoryStore
 
 Durability = Literal["sync", "async"]
@@ -114,6 +114,16 @@ class ControlledStore:
                 if outcome is None:
                     self.writers[(item.record.execution_id, item.record.version)] = thread
         return outcomes
+
+    def write_pending(
+        self,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: Mapping[str, int],
+    ) -> PendingWrite | None:
+        return None  # every write-behind batch passes the switch in write_batch
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]

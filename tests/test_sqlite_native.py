@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 
-from wfstate import ClosedError, StateManager, StoreUnavailableError, WorkflowState, _core
+from wfstate import (
+    ClosedError,
+    ConflictError,
+    StateManager,
+    StoreUnavailableError,
+    WorkflowState,
+    _core,
+)
 from wfstate.store.sqlite import _NATIVE_STATEMENTS, NATIVE_WRITER_ENV, SQLiteStore
 
 THREADS = 8
@@ -322,3 +329,95 @@ def test_a_signal_during_a_wait_for_a_lease_turn_hands_the_turn_on(path: Path) -
         follower.join(timeout=30)
         assert not follower.is_alive(), "the turn was never handed on"
         assert done[0] == 3
+
+
+# -- the write-behind's fused step (``SQLiteStore.write_pending``) ----------------------
+
+
+def test_the_write_behind_stores_every_version_through_the_fused_step(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with StateManager.open(url(path), durability="async", flush_interval=0.01) as manager:
+        store = manager._store
+        assert isinstance(store, SQLiteStore)
+
+        def unused(*args: object) -> None:
+            raise AssertionError("write_batch is only for retries after a failed step")
+
+        monkeypatch.setattr(store, "write_batch", unused)
+        for index in range(THREADS):
+            manager.create_execution(f"e-{index}", workflow_id="w", variables={"count": 0})
+
+        def work(name: str) -> None:
+            for count in range(1, 201):
+                manager.update_state(name, {"variables": {"count": count}})
+
+        threads = [threading.Thread(target=work, args=(f"e-{i}",)) for i in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        manager.flush()
+        stats = manager.stats()
+        assert stats["pending_events"] == 0
+        assert stats["flushed_versions"] == THREADS * 201
+        assert stats["flush_batches"] < stats["flushed_versions"]
+        assert store.write_stats()[1] >= THREADS * 200
+        expected = {f"e-{i}": manager.get_state(f"e-{i}") for i in range(THREADS)}
+    with StateManager.open(url(path)) as reopened:
+        for execution_id, state in expected.items():
+            assert reopened.get_state(execution_id) == state
+            assert state.variables["count"] == 200
+
+
+def test_a_refused_write_behind_version_is_reported_by_flush(path: Path) -> None:
+    """Another writer stored version 2 first: the fused step reports the refusal,
+    flush() raises ConflictError, and memory goes back to the stored state."""
+    with (
+        StateManager.open(url(path), durability="sync") as other,
+        StateManager.open(url(path), durability="async", flush_interval=60) as manager,
+    ):
+        other.create_execution("e", workflow_id="w")
+        manager.get_state("e")  # loaded at version 1
+        other.update_state("e", {"variables": {"by": "other"}})
+        assert manager.update_state("e", {"variables": {"by": "async"}}) == 2
+        with pytest.raises(ConflictError):
+            manager.flush(timeout=10)
+        assert manager.stats()["refused_versions"] == 1
+        assert manager.get_state("e").variables == {"by": "other"}
+        assert manager.update_state("e", {"variables": {"then": "async"}}) == 3
+        manager.flush(timeout=10)
+    with StateManager.open(url(path)) as reopened:
+        assert reopened.get_state("e").variables == {"by": "other", "then": "async"}
+
+
+def test_the_write_behind_retries_a_failed_fused_write_then_stores_it(path: Path) -> None:
+    """The file's lock is held past the timeout: the fused write fails, the flusher
+    reports the failure in stats() and retries the same batch until the lock is
+    gone; then every version is stored."""
+    with StateManager.open(
+        url(path), durability="async", flush_interval=0.01, connect_timeout=0.05
+    ) as manager:
+        manager.create_execution("e", workflow_id="w", variables={"count": 0})
+        manager.flush()
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            for count in range(1, 51):
+                manager.update_state("e", {"variables": {"count": count}})
+            deadline = time.monotonic() + 30
+            while manager.stats()["flush_retries"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stats = manager.stats()
+            assert stats["flush_retries"] > 0
+            assert "held the lock" in (stats["last_store_error"] or "")
+            assert stats["pending_events"] > 0
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        manager.flush(timeout=30)
+        assert manager.stats()["last_store_error"] is None
+        state = manager.get_state("e")
+    with StateManager.open(url(path)) as reopened:
+        assert reopened.get_state("e") == state
+        assert state.variables["count"] == 50

@@ -249,6 +249,21 @@ class SqliteWriter:
         self, batch: RecordBatch, snapshot: Sequence[bool]
     ) -> tuple[list[tuple[str, tuple[Any, ...]]], list[int]]: ...
     def exclusive(self, operation: Callable[[], _T]) -> _T: ...
+    def pump(
+        self,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: Mapping[str, int] | None = None,
+    ) -> tuple[
+        RecordBatch,
+        list[tuple[str, int, int, str, int, int, int]],
+        list[bool],
+        list[tuple[str, tuple[Any, ...]]] | None,
+        list[int] | None,
+        Exception | None,
+    ]: ...
     def stats(self) -> tuple[int, int]: ...
     def close(self) -> None: ...
     @property

@@ -367,27 +367,45 @@ class Flusher:
         snapshot: list[bool] = []
         backoff = 0.0
         while True:
+            written: tuple[dict[str, WfstateError], list[int]] | None = None
+            failure: StoreUnavailableError | None = None
             if batch is None:
                 if self._stopping and self._caught_up():
                     return
-                read = self._cursor.read_batch(
-                    self._max_batch, timeout=self._flush_interval, skip_before=self._reset_at
+                pending = self._store.write_pending(
+                    self._cursor,
+                    self._tracker,
+                    self._max_batch,
+                    self._flush_interval,
+                    self._reset_at,
                 )
+                if pending is None:  # the store has no fused step: read, decide, write
+                    read = self._cursor.read_batch(
+                        self._max_batch, timeout=self._flush_interval, skip_before=self._reset_at
+                    )
+                    # Decided once per batch: a retry after a store failure sends the same.
+                    chains = read.chains()
+                    snapshot = [self._tracker.decide_chain(*chain[:6]) for chain in chains]
+                else:
+                    read, chains, snapshot = pending.batch, pending.chains, pending.snapshot
+                    written, failure = pending.written, pending.error
                 self._refused_versions += read.dropped
                 if not len(read):
                     self._mark_committed()
                     continue
                 batch = read
-                chains = batch.chains()
-                # Decided once per batch: a retry after a store failure sends the same.
-                snapshot = [self._tracker.decide_chain(*chain[:6]) for chain in chains]
-            try:
-                refusals, sizes = self._store.write_batch(batch, snapshot)
-            except StoreUnavailableError as error:
+            if written is None and failure is None:
+                try:
+                    written = self._store.write_batch(batch, snapshot)
+                except StoreUnavailableError as error:
+                    failure = error
+            if failure is not None or written is None:
+                assert failure is not None
                 if self._stopping:
                     return  # close() gave up waiting: what is pending dies with the process
-                backoff = self._failed(error, backoff)
+                backoff = self._failed(failure, backoff)
                 continue
+            refusals, sizes = written
             backoff = 0.0
             for chain, size in zip(chains, sizes, strict=True):
                 if size:

@@ -23,13 +23,13 @@ run against each.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
-from wfstate._core import RecordBatch, VersionRecord
+from wfstate._core import EventCursor, RecordBatch, SnapshotTracker, VersionRecord
 from wfstate._lease import LeaseGrant
-from wfstate.errors import ConflictError, WfstateError
+from wfstate.errors import ConflictError, StoreUnavailableError, WfstateError
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -86,6 +86,20 @@ class WriteItem:
     record: VersionRecord
     snapshot: bytes | None = None
     lease: tuple[str, int] | None = None
+
+
+class PendingWrite(NamedTuple):
+    """What ``Store.write_pending`` read, decided and wrote."""
+
+    batch: RecordBatch
+    #: ``batch.chains()``.
+    chains: list[tuple[str, int, int, str, int, int, int]]
+    #: The snapshot decision per chain.
+    snapshot: list[bool]
+    #: ``write_batch``'s result; None when the batch is empty or the write failed.
+    written: tuple[dict[str, WfstateError], list[int]] | None
+    #: Why the write failed, or None.
+    error: StoreUnavailableError | None
 
 
 #: At most this many newer deltas ride along with a conflict (``NewerVersionsConflict``);
@@ -222,6 +236,24 @@ class Store(Protocol):
 
         Raises ``StoreUnavailableError`` when the transaction could not commit: then
         nothing of the batch was written.
+        """
+        ...
+
+    def write_pending(
+        self,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: Mapping[str, int],
+    ) -> PendingWrite | None:
+        """The write-behind's step fused, or None when the store has none (the flusher
+        then calls ``cursor.read_batch``, ``tracker.decide_chain`` per chain and
+        ``write_batch`` itself, each taking the GIL back; a fused step takes it back
+        once). Reads the next batch from the durable ``cursor`` as ``read_batch``
+        does, decides its snapshots and writes it like ``write_batch``; the cursor is
+        not committed. A failed write is reported in ``PendingWrite.error``, with the
+        batch and its decisions kept for a retry by ``write_batch``.
         """
         ...
 

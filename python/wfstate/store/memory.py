@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from wfstate._core import RecordBatch
+from wfstate._core import EventCursor, RecordBatch, SnapshotTracker
 from wfstate._lease import LeaseGrant, LeaseTable
 from wfstate.errors import (
     AlreadyExistsError,
@@ -24,6 +24,7 @@ from wfstate.store.base import (
     ACTIVE_STATUSES,
     NEWER_DELTAS_LIMIT,
     LoadedExecution,
+    PendingWrite,
     WriteItem,
     conflict_with,
     items_of_batch,
@@ -114,6 +115,17 @@ class MemoryStore:
             return []
         start = bisect.bisect_right([d[0] for d in row.deltas], base_version)
         return row.deltas[start:]
+
+    def write_pending(
+        self,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: Mapping[str, int],
+    ) -> PendingWrite | None:
+        """None: the flusher reads, decides and calls ``write_batch`` itself."""
+        return None
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]

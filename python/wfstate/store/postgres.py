@@ -22,7 +22,7 @@ import os
 import select
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, LiteralString, NamedTuple
@@ -37,7 +37,7 @@ from psycopg.types.numeric import Int8
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from wfstate import _core
-from wfstate._core import RecordBatch, VersionRecord
+from wfstate._core import EventCursor, RecordBatch, SnapshotTracker, VersionRecord
 from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
     AlreadyExistsError,
@@ -55,6 +55,7 @@ from wfstate.store.base import (
     NEWER_DELTAS_LIMIT,
     LeaseGrant,
     LoadedExecution,
+    PendingWrite,
     WriteItem,
     conflict_with,
 )
@@ -1152,6 +1153,17 @@ class PostgresStore:
                 if not committed:
                     raise
         return refusals
+
+    def write_pending(
+        self,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: Mapping[str, int],
+    ) -> PendingWrite | None:
+        """None: the flusher reads, decides and calls ``write_batch`` itself."""
+        return None
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]

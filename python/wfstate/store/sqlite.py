@@ -47,13 +47,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 
 from wfstate import _core
-from wfstate._core import RecordBatch
+from wfstate._core import EventCursor, RecordBatch, SnapshotTracker
 from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
     AlreadyExistsError,
@@ -71,6 +71,7 @@ from wfstate.store.base import (
     NEWER_DELTAS_LIMIT,
     LeaseGrant,
     LoadedExecution,
+    PendingWrite,
     WriteItem,
     conflict_with,
 )
@@ -787,6 +788,40 @@ class SQLiteStore:
         with self._write_lock:
             self._check_usable()
             return self._retrying(self._writer, transaction, doing="writing")
+
+    def write_pending(
+        self,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: Mapping[str, int],
+    ) -> PendingWrite | None:
+        """With the native writer, the write-behind's step in one release of the GIL
+        (``SqliteWriter.pump``); else None."""
+        native = self._native
+        if native is None:
+            return None
+        self._check_usable()
+        batch, chains, snapshot, refused, sizes, error = native.pump(
+            cursor, tracker, max_events, timeout, dict(skip_before)
+        )
+        if error is not None:
+            if isinstance(error, sqlite3.Error):
+                return PendingWrite(
+                    batch, chains, snapshot, None, self._unavailable("writing", error)
+                )
+            if isinstance(error, RuntimeError) and native.closed:
+                raise ClosedError(f"the SQLite store {self.url} is closed") from error
+            raise error
+        if refused is None or sizes is None:
+            return PendingWrite(batch, chains, snapshot, None, None)
+        bases = {chain[0]: chain[1] for chain in chains}
+        refusals = {
+            execution_id: _native_refusal(execution_id, bases[execution_id], refusal)
+            for execution_id, refusal in refused
+        }
+        return PendingWrite(batch, chains, snapshot, (refusals, sizes), None)
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
