@@ -162,12 +162,15 @@ fn load_api(_module_path: &str) -> Result<Api, String> {
     Err("the native SQLite writer needs dlopen".to_string())
 }
 
-/// The API, loaded once per process (from the first module path given).
+/// The API, loaded once per process (the first time it loads; a failure is not
+/// kept, so another module path may still succeed).
 fn api(module_path: &str) -> Result<&'static Api, String> {
-    static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    API.get_or_init(|| load_api(module_path))
-        .as_ref()
-        .map_err(Clone::clone)
+    static API: OnceLock<Api> = OnceLock::new();
+    if let Some(api) = API.get() {
+        return Ok(api);
+    }
+    let loaded = load_api(module_path)?;
+    Ok(API.get_or_init(|| loaded))
 }
 
 // -- errors -------------------------------------------------------------------------
@@ -392,6 +395,12 @@ impl Connection {
     fn run(&self, index: usize, values: &[SqlValue<'_>]) -> SqlResult<bool> {
         let statement = self.statements[index];
         let api = self.api;
+        // Sizes checked before anything is bound (an early return leaves no binding).
+        values.iter().try_for_each(|value| match value {
+            SqlValue::Text(text) => length(text.len()).map(drop),
+            SqlValue::Blob(bytes) => length(bytes.len()).map(drop),
+            SqlValue::Null | SqlValue::Int(_) => Ok(()),
+        })?;
         for (position, value) in values.iter().enumerate() {
             let position = c_int::try_from(position + 1).expect("few parameters");
             // SQLITE_STATIC (None): the values outlive the step; `finish` clears them.
@@ -403,14 +412,14 @@ impl Connection {
                         statement,
                         position,
                         text.as_ptr().cast(),
-                        length(text.len())?,
+                        length(text.len()).unwrap_or(0),
                         None,
                     ),
                     SqlValue::Blob(bytes) => (api.bind_blob)(
                         statement,
                         position,
                         bytes.as_ptr().cast(),
-                        length(bytes.len())?,
+                        length(bytes.len()).unwrap_or(0),
                         None,
                     ),
                 }
@@ -755,15 +764,19 @@ enum Turn {
 struct Job {
     chains: Vec<Planned>,
     exclusive: bool,
+    /// Written in a transaction of its own (a write-behind batch: its failure, or a
+    /// value SQLite refuses, must not fail the sync callers it would share with).
+    solo: bool,
     turn: Mutex<Turn>,
     wake: Condvar,
 }
 
 impl Job {
-    fn new(chains: Vec<Planned>, exclusive: bool) -> Arc<Job> {
+    fn new(chains: Vec<Planned>, exclusive: bool, solo: bool) -> Arc<Job> {
         Arc::new(Job {
             chains,
             exclusive,
+            solo,
             turn: Mutex::new(Turn::Waiting),
             wake: Condvar::new(),
         })
@@ -841,14 +854,16 @@ impl PySqliteWriter {
             let mut versions: u64 = job.chains.iter().map(Planned::versions).sum();
             while let Some(next) = group.queue.front() {
                 let size: u64 = next.chains.iter().map(Planned::versions).sum();
-                if next.exclusive || versions + size > self.max_batch {
+                if job.solo || next.solo || next.exclusive || versions + size > self.max_batch {
                     break;
                 }
                 versions += size;
                 batch.push(group.queue.pop_front().expect("a front"));
             }
-            group.transactions += 1;
-            group.versions += versions;
+            if !job.solo {
+                group.transactions += 1;
+                group.versions += versions;
+            }
         }
         let chains: Vec<&Planned> = batch.iter().flat_map(|j| &j.chains).collect();
         let outcome = match self.connection.lock().as_ref() {
@@ -917,8 +932,8 @@ impl PySqliteWriter {
 
     /// Write `chains` with the group and return the refusals by chain index. Called
     /// without the GIL.
-    fn commit(&self, chains: Vec<Planned>) -> Result<Outcome, Closed> {
-        let job = Job::new(chains, false);
+    fn commit(&self, chains: Vec<Planned>, solo: bool) -> Result<Outcome, Closed> {
+        let job = Job::new(chains, false, solo);
         match self.enqueue(&job)? {
             Some(outcome) => Ok(outcome),
             None => Ok(self.lead(&job)),
@@ -1020,15 +1035,16 @@ impl PySqliteWriter {
             .iter()
             .map(|(chain, _)| Planned::new(chain))
             .collect();
-        let outcome = py.detach(|| self.commit(planned));
+        let outcome = py.detach(|| self.commit(planned, false));
         outcome_to_py(py, outcome)?
             .into_iter()
             .map(|(index, refusal)| Ok((chains[index].1.clone(), refusal.into_py(py)?)))
             .collect()
     }
 
-    /// Write a write-behind batch (with the group), with a snapshot at the last
-    /// version of each chain whose flag is set (one per chain, in `chains()` order).
+    /// Write a write-behind batch (through the group's queue, in a transaction of its
+    /// own), with a snapshot at the last version of each chain whose flag is set (one
+    /// per chain, in `chains()` order).
     /// Returns the refusals by execution id (as `write_items` gives them) and the
     /// snapshot sizes per chain (0: none).
     #[allow(clippy::type_complexity)]
@@ -1050,7 +1066,7 @@ impl PySqliteWriter {
                 .collect();
             let planned: Vec<Planned> = batch.views(&snapshots).iter().map(Planned::new).collect();
             let ids: Vec<String> = planned.iter().map(|chain| chain.id.clone()).collect();
-            (self.commit(planned), sizes, ids)
+            (self.commit(planned, true), sizes, ids)
         });
         let refusals = outcome_to_py(py, outcome)?
             .into_iter()
@@ -1072,7 +1088,7 @@ impl PySqliteWriter {
                 self.0.hand_on();
             }
         }
-        let job = Job::new(Vec::new(), true);
+        let job = Job::new(Vec::new(), true, true);
         py.detach(|| self.enqueue(&job))
             .map_err(|Closed| closed_error())?;
         let _turn = HandOn(self);
@@ -1083,7 +1099,7 @@ impl PySqliteWriter {
     /// the durable `cursor` (up to `max_events` events, waiting up to `timeout`
     /// seconds for the first; `skip_before` as `EventCursor.read_batch` takes it),
     /// decide its snapshots with `tracker` (`decide_chain` per chain), and write it
-    /// with the group. Returns `(batch, batch.chains(), snapshot flags, refusals by
+    /// as `write_batch` does. Returns `(batch, batch.chains(), snapshot flags, refusals by
     /// execution id or None, snapshot sizes or None, error or None)`: nothing written
     /// for an empty batch; on a failed write, the `sqlite3` module's error (or
     /// `RuntimeError` once closed) and the batch and flags to retry with
@@ -1129,7 +1145,7 @@ impl PySqliteWriter {
                 .collect();
             let planned: Vec<Planned> = batch.views(&snapshots).iter().map(Planned::new).collect();
             let ids: Vec<String> = planned.iter().map(|chain| chain.id.clone()).collect();
-            let outcome = self.commit(planned);
+            let outcome = self.commit(planned, true);
             Ok((batch, chains, flags, Some((outcome, sizes, ids))))
         })?;
         let none = || py.None().into_bound(py);
@@ -1170,7 +1186,8 @@ impl PySqliteWriter {
         )
     }
 
-    /// `(transactions written, versions they carried)`.
+    /// `(transactions of sync writes (`write_items`), versions they carried)`;
+    /// write-behind batches are not counted (the flusher counts them).
     fn stats(&self) -> (u64, u64) {
         let group = self.group.lock();
         (group.transactions, group.versions)
@@ -1190,9 +1207,9 @@ impl PySqliteWriter {
         drop(connection);
     }
 
-    /// Whether the writer's connection is closed.
+    /// Whether `close()` was called (writes are refused from then on).
     #[getter]
     fn closed(&self) -> bool {
-        self.connection.lock().is_none()
+        self.group.lock().closed
     }
 }

@@ -232,7 +232,7 @@ class SqliteWriter:
     def __new__(
         cls,
         path: str,
-        statements: Mapping[str, str],
+        statements: dict[str, str],
         pragmas: Sequence[str],
         timeout: float,
         module_path: str,
@@ -255,7 +255,7 @@ class SqliteWriter:
         tracker: SnapshotTracker,
         max_events: int,
         timeout: float,
-        skip_before: Mapping[str, int] | None = None,
+        skip_before: dict[str, int] | None = None,
     ) -> tuple[
         RecordBatch,
         list[tuple[str, int, int, str, int, int, int]],

@@ -357,7 +357,7 @@ NATIVE_WRITER_ENV: Final = "WFSTATE_SQLITE_NATIVE_WRITER"
 _NATIVE_MAX_BATCH: Final = 1000
 
 #: The native writer's statements, by the names ``_core.SqliteWriter`` prepares.
-_NATIVE_STATEMENTS: Final[dict[str, str]] = {
+_NATIVE_STATEMENTS: dict[str, str] = {
     "insert_execution": _INSERT_EXECUTION,
     "update_execution": _UPDATE_EXECUTION,
     "update_execution_keep_status": _UPDATE_EXECUTION_KEEP_STATUS,
@@ -601,7 +601,8 @@ class SQLiteStore:
         return self._native is not None
 
     def write_stats(self) -> tuple[int, int]:
-        """(transactions the native writer committed, versions they carried)."""
+        """(transactions of sync writes the native writer ran, versions they
+        carried); the write-behind's batches are not counted here."""
         return (0, 0) if self._native is None else self._native.stats()
 
     def _configure_writer(self, writer: sqlite3.Connection) -> None:
