@@ -1,9 +1,11 @@
 """The process ``test_crash.py`` kills: it updates executions until SIGKILL stops it.
 
-Run as ``python crash_child.py URL DURABILITY SEED``. It imports everything, prints
-``loaded`` and waits for a line on stdin (so the parent can start it ahead of time),
-opens the store, makes sure ``EXECUTIONS`` exist, prints ``ready`` and then updates
-them at random forever, printing one line per acknowledged change, flushed at once:
+Run as ``python crash_child.py URL DURABILITY SEED [THREADS]``. It imports everything,
+prints ``loaded`` and waits for a line on stdin (so the parent can start it ahead of
+time), opens the store, makes sure ``EXECUTIONS`` exist, prints ``ready`` and then
+updates them at random forever, printing one line per acknowledged change, flushed
+at once. With THREADS above 1 (sync mode only), each thread updates executions of
+its own, so their sync writes share group commits:
 
 - ``ack <execution_id> <version> <value> <critical>``: ``update_state`` returned
   ``version`` for an update that set the variable ``value`` (``critical`` is 1 when
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import threading
 from typing import Literal
 
 from wfstate import ExecutionStatus, NotFoundError, SnapshotPolicy, StateManager
@@ -30,13 +33,17 @@ FLUSH_EVERY = 25
 SNAPSHOT_POLICY = SnapshotPolicy(every_versions=7)
 
 
+_SAYING = threading.Lock()
+
+
 def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    with _SAYING:  # one whole line at a time, whichever thread says it
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
-def main(url: str, durability: Literal["sync", "async"], seed: int) -> None:
-    rng = random.Random(seed)
+def main(url: str, durability: Literal["sync", "async"], seed: int, threads: int = 1) -> None:
+    assert threads == 1 or durability == "sync", "acks of threads are ordered only in sync mode"
     threshold = os.environ.get("WFSTATE_TEST_COPY_THRESHOLD")
     if threshold is not None:
         import wfstate.store.postgres
@@ -59,10 +66,35 @@ def main(url: str, durability: Literal["sync", "async"], seed: int) -> None:
         manager.flush()
         say("flushed")
     say("ready")
+    if threads == 1:
+        update_forever(manager, durability, seed, EXECUTIONS)
+        return
+    workers = [
+        threading.Thread(
+            target=update_forever,
+            args=(manager, durability, seed * 100 + number, EXECUTIONS[number::threads]),
+            daemon=True,
+        )
+        for number in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def update_forever(
+    manager: StateManager,
+    durability: Literal["sync", "async"],
+    seed: int,
+    executions: tuple[str, ...],
+) -> None:
+    """Update ``executions`` at random until killed (values are unique per seed)."""
+    rng = random.Random(seed)
     counter = 0
     while True:
         counter += 1
-        execution_id = rng.choice(EXECUTIONS)
+        execution_id = rng.choice(executions)
         value = f"{seed}-{counter}"
         update: dict[str, object] = {"variables": {"value": value}}
         critical = rng.random() < 0.1
@@ -83,4 +115,5 @@ def main(url: str, durability: Literal["sync", "async"], seed: int) -> None:
 if __name__ == "__main__":
     mode = sys.argv[2]
     assert mode in ("sync", "async")
-    main(sys.argv[1], "sync" if mode == "sync" else "async", int(sys.argv[3]))
+    threads = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    main(sys.argv[1], "sync" if mode == "sync" else "async", int(sys.argv[3]), threads)

@@ -57,9 +57,9 @@ class Ack:
 class Child:
     """One run of ``crash_child.py``, started ahead of time and killed on demand."""
 
-    def __init__(self, url: str, durability: Durability, seed: int) -> None:
+    def __init__(self, url: str, durability: Durability, seed: int, threads: int = 1) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(CHILD), url, durability, str(seed)],
+            [sys.executable, str(CHILD), url, durability, str(seed), str(threads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -191,12 +191,12 @@ class Ledger:
 
 
 def crash_rounds(
-    url: str, durability: Durability, rounds: int, seed: int
+    url: str, durability: Durability, rounds: int, seed: int, threads: int = 1
 ) -> tuple[Ledger, list[float]]:
     rng = random.Random(seed)
     ledger = Ledger()
     moments: list[float] = []
-    child = Child(url, durability, seed * 1000)
+    child = Child(url, durability, seed * 1000, threads)
     try:
         for round_number in range(rounds):
             context = f"{durability} round {round_number} (seed {seed})"
@@ -215,7 +215,7 @@ def crash_rounds(
             assert child.process.returncode == -signal.SIGKILL, errors
             lines = child.lines
             # The next child imports while this round is checked.
-            child = Child(url, durability, seed * 1000 + round_number + 1)
+            child = Child(url, durability, seed * 1000 + round_number + 1, threads)
             durable, tentative = parse(lines, durability)
             ledger.check_round(url, durable, tentative, context)
     finally:
@@ -224,15 +224,20 @@ def crash_rounds(
 
 
 @pytest.mark.parametrize(
-    ("backend", "durability", "rounds", "by_copy"),
+    ("backend", "durability", "rounds", "by_copy", "threads"),
     [
-        ("sqlite", "sync", 40, False),
-        ("postgresql", "sync", 10, False),
-        ("sqlite", "async", 20, False),
-        ("postgresql", "async", 8, False),
+        # At least 50 kills per backend and mode.
+        ("sqlite", "sync", 50, False, 1),
+        # 4 threads, each on executions of its own: the kills land while their
+        # writes share group commits (on SQLite, the native writer's).
+        ("sqlite", "sync", 25, False, 4),
+        ("postgresql", "sync", 30, False, 1),
+        ("postgresql", "sync", 20, False, 4),
+        ("sqlite", "async", 50, False, 1),
+        ("postgresql", "async", 44, False, 1),
         # Every write-behind batch sends its deltas by COPY (the threshold lowered
         # in the child: its batches are small).
-        ("postgresql", "async", 6, True),
+        ("postgresql", "async", 6, True, 1),
     ],
 )
 def test_sigkill_loses_nothing_acknowledged(
@@ -243,6 +248,7 @@ def test_sigkill_loses_nothing_acknowledged(
     durability: Durability,
     rounds: int,
     by_copy: bool,
+    threads: int,
 ) -> None:
     if by_copy:
         monkeypatch.setenv(COPY_THRESHOLD_ENV, "1")
@@ -250,7 +256,7 @@ def test_sigkill_loses_nothing_acknowledged(
         url = f"sqlite:///{tmp_path}/crash.db"
     else:
         url = request.getfixturevalue("postgres_test_url")
-    ledger, _ = crash_rounds(url, durability, rounds, seed=rounds)
+    ledger, _ = crash_rounds(url, durability, rounds, seed=rounds, threads=threads)
     # The rounds did write: acknowledged versions were there to check.
     assert ledger.checked_acks >= rounds
     assert len(ledger.values) > rounds
