@@ -21,9 +21,11 @@ How it keeps the contract of ``wfstate.store.base``:
   rows are the ones this module's own path uses; where that library cannot be
   reached (SQLite linked into the ``sqlite3`` module itself), or with
   ``native_writer=False``, writes go through the ``sqlite3`` module.
-- **Concurrency.** One write connection behind a lock; reads go through a small
-  pool of separate read-only connections, so in WAL mode they never wait for a
-  write. Across processes, ``BEGIN IMMEDIATE`` takes SQLite's write lock up front;
+- **Concurrency.** One writer at a time in the process: the native writer's queue
+  (its group commit), in which the ``sqlite3`` write connection's lease
+  transactions take turns; without the native writer, one write connection behind
+  a lock. Reads go through a small pool of separate read-only connections, so in
+  WAL mode they never wait for a write. Across processes, ``BEGIN IMMEDIATE`` takes SQLite's write lock up front;
   a busy file is retried for ``connect_timeout`` seconds, then
   ``StoreUnavailableError`` is raised.
 - **Migrations.** Versioned, applied on open inside ``BEGIN IMMEDIATE``, so several
