@@ -42,8 +42,18 @@ def say(line: str) -> None:
         sys.stdout.flush()
 
 
+def _exit_on_error(args: threading.ExceptHookArgs) -> None:
+    threading.__excepthook__(args)  # the traceback, to stderr
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def main(url: str, durability: Literal["sync", "async"], seed: int, threads: int = 1) -> None:
     assert threads == 1 or durability == "sync", "acks of threads are ordered only in sync mode"
+    assert 1 <= threads <= len(EXECUTIONS), "each thread needs executions of its own"
+    # A worker thread that raises must end the process (the parent sees it died by
+    # itself), not leave the others writing as if nothing happened.
+    threading.excepthook = _exit_on_error
     threshold = os.environ.get("WFSTATE_TEST_COPY_THRESHOLD")
     if threshold is not None:
         import wfstate.store.postgres

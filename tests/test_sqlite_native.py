@@ -252,8 +252,9 @@ def test_a_failed_transaction_fails_every_caller_it_carried_and_changes_nothing(
             blocker.close()
         assert len(failures) == 4
         assert all(isinstance(error, StoreUnavailableError) for error in failures)
-        # The first caller led alone; the three queued behind it shared the second.
-        assert manager.stats()["group_commits"] - transactions == 2
+        # Fewer transactions than callers: callers queued behind the first shared one
+        # (usually the first leads alone and the other three share the second).
+        assert 1 <= manager.stats()["group_commits"] - transactions < 4
         assert "held the lock" in str(failures[0])
         for index in range(4):
             assert manager.get_state(f"e-{index}").version == 1

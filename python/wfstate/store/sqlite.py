@@ -25,9 +25,9 @@ How it keeps the contract of ``wfstate.store.base``:
   (its group commit), in which the ``sqlite3`` write connection's lease
   transactions take turns; without the native writer, one write connection behind
   a lock. Reads go through a small pool of separate read-only connections, so in
-  WAL mode they never wait for a write. Across processes, ``BEGIN IMMEDIATE`` takes SQLite's write lock up front;
-  a busy file is retried for ``connect_timeout`` seconds, then
-  ``StoreUnavailableError`` is raised.
+  WAL mode they never wait for a write. Across processes, ``BEGIN IMMEDIATE`` takes
+  SQLite's write lock up front; a busy file is retried for ``connect_timeout``
+  seconds, then ``StoreUnavailableError`` is raised.
 - **Migrations.** Versioned, applied on open inside ``BEGIN IMMEDIATE``, so several
   processes opening a new file at once migrate it exactly once.
 
