@@ -646,6 +646,31 @@ def test_stale_single_write_gets_the_newer_deltas_with_its_conflict(store: Store
     assert caught_up == loaded(store, "e1")
 
 
+def test_a_stale_chain_in_a_grouped_write_gets_the_newer_deltas(store: Store) -> None:
+    """A write of several executions (a group commit) where one chain is stale: that
+    chain's conflict carries the deltas it missed, as a single write's does; the
+    other chains are written."""
+    recorder = Recorder()
+    written(store, [recorder.create("e1"), recorder.create("e2")])
+    stale = Recorder()
+    stale.create("e1")
+    written(store, [recorder.update("e1", {"variables": {"x": n}}) for n in range(2)])
+    outcomes = store.write(
+        items(
+            [
+                stale.update("e1", {"variables": {"y": 1}}),
+                recorder.update("e2", {"variables": {"z": 1}}),
+            ]
+        )
+    )
+    conflict, fine = outcomes
+    assert fine is None
+    assert isinstance(conflict, NewerVersionsConflict)
+    assert (conflict.expected, conflict.actual) == (1, 3)
+    assert conflict.newer == store.read_deltas("e1", after_version=1)
+    assert store.current_versions(["e1", "e2"]) == {"e1": 3, "e2": 2}
+
+
 def test_a_writer_far_behind_gets_a_plain_conflict(store: Store) -> None:
     recorder = Recorder()
     written(store, [recorder.create("e1")])

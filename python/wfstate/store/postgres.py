@@ -788,6 +788,8 @@ class PostgresStore:
                         if execution_id not in batch.refused
                     }
                     refusals.update(self._refusals(conn, heads, rows))
+                    if not shape.single:
+                        refusals.update(self._with_newer_deltas(conn, refusals))
             except StoreUnavailableError:
                 # The connection failed after the statement was sent: the server may
                 # have committed it and lost only the reply. Ask it, on a connection
@@ -1153,6 +1155,62 @@ class PostgresStore:
                 if not committed:
                     raise
         return refusals
+
+    def _with_newer_deltas(
+        self, conn: _Connection, refusals: dict[str, WfstateError]
+    ) -> dict[str, WfstateError]:
+        """The version conflicts of a grouped write (its statement committed in
+        autocommit), each with the deltas its writer missed when they are few, as the
+        one-version statement returns them; one read for all. A failure of this read
+        leaves the plain conflicts: the batch is stored."""
+        stale = {
+            execution_id: refusal
+            for execution_id, refusal in refusals.items()
+            if type(refusal) is ConflictError
+            and 0 < refusal.expected < refusal.actual <= refusal.expected + NEWER_DELTAS_LIMIT
+        }
+        if not stale:
+            return {}
+        newer: dict[str, list[tuple[int, int, str | None, bytes]]] = {}
+        snapshots: dict[str, int] = {}
+        try:
+            rows = conn.execute(
+                self._statement(
+                    "newer_deltas",
+                    conn,
+                    lambda: self._sql(
+                        "SELECT c.id, d.version,"
+                        " (extract(epoch FROM d.recorded_at) * 1000000)::bigint, d.actor,"
+                        " d.data, e.snapshot_version"
+                        " FROM unnest(%s::text[], %s::bigint[], %s::bigint[])"
+                        " AS c(id, base, actual)"
+                        " JOIN {deltas} d ON d.execution_id = c.id"
+                        " AND d.version > c.base AND d.version <= c.actual"
+                        " JOIN {executions} e ON e.execution_id = c.id"
+                        " ORDER BY c.id, d.version"
+                    ),
+                ),
+                (
+                    _TextArray(list(stale)),
+                    [refusal.expected for refusal in stale.values()],
+                    [refusal.actual for refusal in stale.values()],
+                ),
+            ).fetchall()
+        except psycopg.Error:
+            return {}
+        for execution_id, version, at_us, actor, data, snapshot_version in rows:
+            newer.setdefault(execution_id, []).append((version, at_us, actor, bytes(data)))
+            snapshots[execution_id] = snapshot_version
+        return {
+            execution_id: conflict_with(
+                execution_id,
+                refusal.expected,
+                refusal.actual,
+                newer.get(execution_id, []),
+                snapshots.get(execution_id, 0),
+            )
+            for execution_id, refusal in stale.items()
+        }
 
     def write_pending(
         self,
