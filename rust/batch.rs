@@ -445,6 +445,14 @@ impl PyRecordBatch {
         py.detach(|| self.encode_snapshots(snapshot))
     }
 
+    /// The size of each chain's snapshot in `snapshots` (0: none).
+    pub(crate) fn snapshot_sizes(snapshots: &[Option<Vec<u8>>]) -> Vec<usize> {
+        snapshots
+            .iter()
+            .map(|s| s.as_ref().map_or(0, Vec::len))
+            .collect()
+    }
+
     /// `snapshots`, for a caller that has let go of the GIL already.
     pub(crate) fn encode_snapshots(&self, snapshot: &[bool]) -> Vec<Option<Vec<u8>>> {
         self.chains
@@ -513,10 +521,7 @@ impl PyRecordBatch {
         let snapshots = self.snapshots(py, &snapshot);
         let arrays = py.detach(|| self.encode_pg(&snapshots));
         let (parameters, has_updates, has_creations) = pg_parameter_dict(py, arrays)?;
-        let sizes = snapshots
-            .iter()
-            .map(|s| s.as_ref().map_or(0, Vec::len))
-            .collect();
+        let sizes = Self::snapshot_sizes(&snapshots);
         Ok((parameters, sizes, has_updates, has_creations))
     }
 
@@ -555,11 +560,7 @@ impl PyRecordBatch {
                     .into_any(),
             );
         }
-        let sizes = snapshots
-            .iter()
-            .map(|s| s.as_ref().map_or(0, Vec::len))
-            .collect();
-        Ok((chains, sizes))
+        Ok((chains, Self::snapshot_sizes(&snapshots)))
     }
 }
 

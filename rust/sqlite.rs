@@ -930,6 +930,21 @@ impl PySqliteWriter {
         }
     }
 
+    /// Write a write-behind batch in a transaction of its own, with a snapshot at the
+    /// last version of each flagged chain. Called without the GIL. Returns the
+    /// outcome, the snapshot sizes per chain and the chains' execution ids.
+    fn write_record_batch(
+        &self,
+        batch: &PyRecordBatch,
+        flags: &[bool],
+    ) -> (Result<Outcome, Closed>, Vec<usize>, Vec<String>) {
+        let snapshots = batch.encode_snapshots(flags);
+        let planned: Vec<Planned> = batch.views(&snapshots).iter().map(Planned::new).collect();
+        let ids = planned.iter().map(|chain| chain.id.clone()).collect();
+        let sizes = PyRecordBatch::snapshot_sizes(&snapshots);
+        (self.commit(planned, true), sizes, ids)
+    }
+
     /// Write `chains` with the group and return the refusals by chain index. Called
     /// without the GIL.
     fn commit(&self, chains: Vec<Planned>, solo: bool) -> Result<Outcome, Closed> {
@@ -955,6 +970,19 @@ fn outcome_to_py(
 
 /// The longest lock timeout honoured, in seconds (a day).
 const MAX_TIMEOUT_S: f64 = 86_400.0;
+
+/// Refusals by chain index as Python takes them: by execution id (`ids`, per chain).
+#[allow(clippy::type_complexity)]
+fn refusals_by_id<'py>(
+    py: Python<'py>,
+    refusals: Vec<(usize, Refusal)>,
+    ids: &[String],
+) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
+    refusals
+        .into_iter()
+        .map(|(index, refusal)| Ok((ids[index].clone(), refusal.into_py(py)?)))
+        .collect()
+}
 
 fn closed_error() -> PyErr {
     PyRuntimeError::new_err("the native SQLite writer is closed")
@@ -1058,20 +1086,8 @@ impl PySqliteWriter {
         let batch: &PyRecordBatch = &batch;
         // One release of the GIL for the whole batch: while other threads run
         // Python, taking the GIL back can wait a switch interval (5 ms) each time.
-        let (outcome, sizes, ids) = py.detach(|| {
-            let snapshots = batch.encode_snapshots(&snapshot);
-            let sizes: Vec<usize> = snapshots
-                .iter()
-                .map(|s| s.as_ref().map_or(0, Vec::len))
-                .collect();
-            let planned: Vec<Planned> = batch.views(&snapshots).iter().map(Planned::new).collect();
-            let ids: Vec<String> = planned.iter().map(|chain| chain.id.clone()).collect();
-            (self.commit(planned, true), sizes, ids)
-        });
-        let refusals = outcome_to_py(py, outcome)?
-            .into_iter()
-            .map(|(index, refusal)| Ok((ids[index].clone(), refusal.into_py(py)?)))
-            .collect::<PyResult<_>>()?;
+        let (outcome, sizes, ids) = py.detach(|| self.write_record_batch(batch, &snapshot));
+        let refusals = refusals_by_id(py, outcome_to_py(py, outcome)?, &ids)?;
         Ok((refusals, sizes))
     }
 
@@ -1138,24 +1154,14 @@ impl PySqliteWriter {
             if batch.__len__() == 0 {
                 return Ok((batch, chains, flags, None));
             }
-            let snapshots = batch.encode_snapshots(&flags);
-            let sizes: Vec<usize> = snapshots
-                .iter()
-                .map(|s| s.as_ref().map_or(0, Vec::len))
-                .collect();
-            let planned: Vec<Planned> = batch.views(&snapshots).iter().map(Planned::new).collect();
-            let ids: Vec<String> = planned.iter().map(|chain| chain.id.clone()).collect();
-            let outcome = self.commit(planned, true);
-            Ok((batch, chains, flags, Some((outcome, sizes, ids))))
+            let written = self.write_record_batch(&batch, &flags);
+            Ok((batch, chains, flags, Some(written)))
         })?;
         let none = || py.None().into_bound(py);
         let (refusals, sizes, error) = match written {
             None => (none(), none(), none()),
             Some((Ok(Ok(refusals)), sizes, ids)) => {
-                let refusals = refusals
-                    .into_iter()
-                    .map(|(index, refusal)| Ok((ids[index].clone(), refusal.into_py(py)?)))
-                    .collect::<PyResult<Vec<_>>>()?;
+                let refusals = refusals_by_id(py, refusals, &ids)?;
                 (
                     refusals.into_pyobject(py)?.into_any(),
                     sizes.into_pyobject(py)?.into_any(),

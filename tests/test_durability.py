@@ -19,7 +19,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +43,9 @@ from wfstate import (
     WfstateError,
     WorkflowState,
 )
-from wfstate._core import EventCursor, RecordBatch, SnapshotTracker
+from wfstate._core import RecordBatch
 from wfstate.store import Store, open_store
-from wfstate.store.base import LeaseGrant, LoadedExecution, PendingWrite, WriteItem
+from wfstate.store.base import GroupedByManager, LeaseGrant, LoadedExecution, WriteItem
 from wfstate.store.memory import MemoryStore
 
 Durability = Literal["sync", "async"]
@@ -58,8 +58,10 @@ LONG_FLUSH_INTERVAL = 60.0
 SLOW_FLUSH_INTERVAL = 0.25
 
 
-class ControlledStore:
-    """A real store behind a switch: writes can be made to fail or to wait.
+class ControlledStore(GroupedByManager):
+    """A real store behind a switch: writes can be made to fail or to wait. Every
+    write passes the switch: the manager groups the sync writes, and every
+    write-behind batch goes through ``write_batch`` (``GroupedByManager``).
 
     It records which thread wrote each version, so a test can tell a write made by
     the caller (sync and critical updates) from one made by the write-behind.
@@ -87,12 +89,6 @@ class ControlledStore:
     def schema_version(self) -> int:
         return self.inner.schema_version()
 
-    #: Every write passes the switch: the manager's committer groups the callers.
-    groups_writes = False
-
-    def write_stats(self) -> tuple[int, int]:
-        return self.inner.write_stats()
-
     def _enter_write(self) -> None:
         """Wait at the gate, then fail if the switch says so."""
         self.gate.wait()
@@ -114,16 +110,6 @@ class ControlledStore:
                 if outcome is None:
                     self.writers[(item.record.execution_id, item.record.version)] = thread
         return outcomes
-
-    def write_pending(
-        self,
-        cursor: EventCursor,
-        tracker: SnapshotTracker,
-        max_events: int,
-        timeout: float,
-        skip_before: Mapping[str, int],
-    ) -> PendingWrite | None:
-        return None  # every write-behind batch passes the switch in write_batch
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]

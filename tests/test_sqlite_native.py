@@ -11,6 +11,7 @@ signal arriving while a caller waits.
 from __future__ import annotations
 
 import _sqlite3
+import contextlib
 import functools
 import os
 import signal
@@ -267,6 +268,34 @@ class _Interrupted(Exception):
     pass
 
 
+@contextlib.contextmanager
+def signal_while_locked(path: Path) -> Iterator[None]:
+    """Hold the file's write lock from another connection; 0.2 s in, send this
+    process SIGUSR1, whose handler raises ``_Interrupted``; 0.2 s later let the lock
+    go. The handler is restored on exit."""
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+
+    def conduct() -> None:
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)
+        blocker.execute("ROLLBACK")
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    conductor = threading.Thread(target=conduct)
+    try:
+        conductor.start()
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        conductor.join(timeout=30)
+        blocker.close()
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
 def test_a_signal_during_a_native_wait_is_raised_after_the_write(path: Path) -> None:
     """The native writer's callers wait in Rust: a signal handler runs (and its
@@ -275,28 +304,9 @@ def test_a_signal_during_a_native_wait_is_raised_after_the_write(path: Path) -> 
     update catches up from the store and succeeds."""
     with StateManager.open(url(path), durability="sync", connect_timeout=10.0) as manager:
         manager.create_execution("e", workflow_id="w", variables={"count": 0})
-        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        blocker.execute("BEGIN IMMEDIATE")
-
-        def conduct() -> None:
-            time.sleep(0.2)  # the main thread waits on the lock by now
-            os.kill(os.getpid(), signal.SIGUSR1)
-            time.sleep(0.2)
-            blocker.execute("ROLLBACK")
-
-        def handler(signum: int, frame: object) -> None:
-            raise _Interrupted
-
-        previous = signal.signal(signal.SIGUSR1, handler)
-        conductor = threading.Thread(target=conduct)
-        try:
-            conductor.start()
-            with pytest.raises(_Interrupted):
-                manager.update_state("e", {"variables": {"count": 1}})
-        finally:
-            signal.signal(signal.SIGUSR1, previous)
-            conductor.join(timeout=30)
-            blocker.close()
+        # The main thread waits on the lock by the time the signal comes.
+        with signal_while_locked(path), pytest.raises(_Interrupted):
+            manager.update_state("e", {"variables": {"count": 1}})
         store = manager._store
         assert store is not None
         assert store.current_versions(["e"]) == {"e": 2}
@@ -312,34 +322,19 @@ def test_a_signal_during_a_wait_for_a_lease_turn_hands_the_turn_on(path: Path) -
     with StateManager.open(url(path), durability="sync", connect_timeout=10.0) as manager:
         manager.create_execution("written", workflow_id="w")
         manager.create_execution("leased", workflow_id="w")
-        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        blocker.execute("BEGIN IMMEDIATE")
         writer = threading.Thread(
             target=manager.update_state, args=("written", {"variables": {"a": 1}})
         )
-
-        def conduct() -> None:
-            time.sleep(0.2)  # the writer leads, waiting on the lock; acquire queues
-            os.kill(os.getpid(), signal.SIGUSR1)
-            time.sleep(0.2)
-            blocker.execute("ROLLBACK")
-
-        def handler(signum: int, frame: object) -> None:
-            raise _Interrupted
-
-        previous = signal.signal(signal.SIGUSR1, handler)
-        conductor = threading.Thread(target=conduct)
         try:
-            writer.start()
-            time.sleep(0.05)
-            conductor.start()
-            with pytest.raises(_Interrupted):
-                manager.acquire("leased", owner="worker", ttl=5.0)
+            # By the time the signal comes, the writer leads, waiting on the lock,
+            # and acquire queues behind it.
+            with signal_while_locked(path):
+                writer.start()
+                time.sleep(0.05)
+                with pytest.raises(_Interrupted):
+                    manager.acquire("leased", owner="worker", ttl=5.0)
         finally:
-            signal.signal(signal.SIGUSR1, previous)
-            conductor.join(timeout=30)
             writer.join(timeout=30)
-            blocker.close()
         done: list[object] = []
 
         def later() -> None:

@@ -399,12 +399,12 @@ class Flusher:
                     written = self._store.write_batch(batch, snapshot)
                 except StoreUnavailableError as error:
                     failure = error
-            if failure is not None or written is None:
-                assert failure is not None
+            if failure is not None:
                 if self._stopping:
                     return  # close() gave up waiting: what is pending dies with the process
                 backoff = self._failed(failure, backoff)
                 continue
+            assert written is not None  # a step with neither failed (batch not empty)
             refusals, sizes = written
             backoff = 0.0
             for chain, size in zip(chains, sizes, strict=True):

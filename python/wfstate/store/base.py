@@ -35,9 +35,11 @@ __all__ = [
     "ACTIVE_STATUSES",
     "EVENT_TYPE_BITS",
     "NEWER_DELTAS_LIMIT",
+    "GroupedByManager",
     "LeaseGrant",
     "LoadedExecution",
     "NewerVersionsConflict",
+    "PendingWrite",
     "Store",
     "StoredDelta",
     "WriteItem",
@@ -100,6 +102,31 @@ class PendingWrite(NamedTuple):
     written: tuple[dict[str, WfstateError], list[int]] | None
     #: Why the write failed, or None.
     error: StoreUnavailableError | None
+
+
+class GroupedByManager:
+    """The ``Store`` members of a store with neither a group commit nor a fused
+    write-behind step of its own: the manager groups its sync writes
+    (``GroupCommitter``) and the flusher reads, decides and writes one step at a
+    time."""
+
+    #: The manager groups the concurrent sync writes.
+    groups_writes = False
+
+    def write_stats(self) -> tuple[int, int]:
+        """(0, 0): the manager counts the group commits."""
+        return (0, 0)
+
+    def write_pending(
+        self,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: Mapping[str, int],
+    ) -> PendingWrite | None:
+        """None: the flusher calls ``read_batch``, ``decide_chain`` and ``write_batch``."""
+        return None
 
 
 #: At most this many newer deltas ride along with a conflict (``NewerVersionsConflict``);

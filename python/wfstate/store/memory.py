@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from wfstate._core import EventCursor, RecordBatch, SnapshotTracker
+from wfstate._core import RecordBatch
 from wfstate._lease import LeaseGrant, LeaseTable
 from wfstate.errors import (
     AlreadyExistsError,
@@ -23,8 +23,8 @@ from wfstate.errors import (
 from wfstate.store.base import (
     ACTIVE_STATUSES,
     NEWER_DELTAS_LIMIT,
+    GroupedByManager,
     LoadedExecution,
-    PendingWrite,
     WriteItem,
     conflict_with,
     items_of_batch,
@@ -50,7 +50,7 @@ class _Row:
     leases: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
-class MemoryStore:
+class MemoryStore(GroupedByManager):
     """Rows, deltas and snapshots in dicts, behind one lock."""
 
     def __init__(self, url: str = "memory://") -> None:
@@ -59,15 +59,6 @@ class MemoryStore:
         self._rows: dict[str, _Row] = {}
         self._leases = LeaseTable()
         self._closed = False
-
-    @property
-    def groups_writes(self) -> bool:
-        """False: the manager groups concurrent sync writes (``GroupCommitter``)."""
-        return False
-
-    def write_stats(self) -> tuple[int, int]:
-        """(0, 0): see ``groups_writes``."""
-        return (0, 0)
 
     def schema_version(self) -> int:
         return 2
@@ -115,17 +106,6 @@ class MemoryStore:
             return []
         start = bisect.bisect_right([d[0] for d in row.deltas], base_version)
         return row.deltas[start:]
-
-    def write_pending(
-        self,
-        cursor: EventCursor,
-        tracker: SnapshotTracker,
-        max_events: int,
-        timeout: float,
-        skip_before: Mapping[str, int],
-    ) -> PendingWrite | None:
-        """None: the flusher reads, decides and calls ``write_batch`` itself."""
-        return None
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]

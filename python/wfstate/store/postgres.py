@@ -22,7 +22,7 @@ import os
 import select
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, LiteralString, NamedTuple
@@ -37,7 +37,7 @@ from psycopg.types.numeric import Int8
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from wfstate import _core
-from wfstate._core import EventCursor, RecordBatch, SnapshotTracker, VersionRecord
+from wfstate._core import RecordBatch, VersionRecord
 from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
     AlreadyExistsError,
@@ -53,9 +53,9 @@ from wfstate.errors import (
 from wfstate.store.base import (
     ACTIVE_STATUSES,
     NEWER_DELTAS_LIMIT,
+    GroupedByManager,
     LeaseGrant,
     LoadedExecution,
-    PendingWrite,
     WriteItem,
     conflict_with,
 )
@@ -506,7 +506,7 @@ def _storable_record(record: VersionRecord) -> bool:
     return _storable("".join(texts))
 
 
-class PostgresStore:
+class PostgresStore(GroupedByManager):
     """Rows, deltas and snapshots in PostgreSQL, through a psycopg connection pool.
 
     ``conninfo`` is a libpq URL or key/value string; ``display`` the same without the
@@ -733,15 +733,6 @@ class PostgresStore:
             ) from e
 
     # -- the Store protocol ---------------------------------------------------------------
-
-    @property
-    def groups_writes(self) -> bool:
-        """False: the manager groups concurrent sync writes (``GroupCommitter``)."""
-        return False
-
-    def write_stats(self) -> tuple[int, int]:
-        """(0, 0): see ``groups_writes``."""
-        return (0, 0)
 
     def schema_version(self) -> int:
         with self._connection("reading the schema version") as conn:
@@ -1211,17 +1202,6 @@ class PostgresStore:
             )
             for execution_id, refusal in stale.items()
         }
-
-    def write_pending(
-        self,
-        cursor: EventCursor,
-        tracker: SnapshotTracker,
-        max_events: int,
-        timeout: float,
-        skip_before: Mapping[str, int],
-    ) -> PendingWrite | None:
-        """None: the flusher reads, decides and calls ``write_batch`` itself."""
-        return None
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]

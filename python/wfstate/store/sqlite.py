@@ -382,6 +382,19 @@ def _native_refusal(execution_id: str, base_version: int, refusal: tuple[Any, ..
     return conflict_with(execution_id, base_version, actual, newer, snapshot_version)
 
 
+def _native_refusals(
+    refused: Sequence[tuple[str, tuple[Any, ...]]],
+    chains: Sequence[tuple[str, int, int, str, int, int, int]],
+) -> dict[str, WfstateError]:
+    """A write-behind batch's refusals by execution id, from the native writer's (the
+    chains, as ``RecordBatch.chains()`` gives them, carry each one's base version)."""
+    bases = {chain[0]: chain[1] for chain in chains}
+    return {
+        execution_id: _native_refusal(execution_id, bases[execution_id], refusal)
+        for execution_id, refusal in refused
+    }
+
+
 def _update_statement(row: tuple[Any, ...]) -> str:
     """The UPDATE of an execution row the core made (with the status or without)."""
     return _UPDATE_EXECUTION if len(row) == 6 else _UPDATE_EXECUTION_KEEP_STATUS
@@ -814,17 +827,14 @@ class SQLiteStore:
                 return PendingWrite(
                     batch, chains, snapshot, None, self._unavailable("writing", error)
                 )
-            if isinstance(error, RuntimeError) and native.closed:
-                raise ClosedError(f"the SQLite store {self.url} is closed") from error
+            if isinstance(error, RuntimeError):
+                raise self._closed_meanwhile(native, error) from error
             raise error
         if refused is None or sizes is None:
             return PendingWrite(batch, chains, snapshot, None, None)
-        bases = {chain[0]: chain[1] for chain in chains}
-        refusals = {
-            execution_id: _native_refusal(execution_id, bases[execution_id], refusal)
-            for execution_id, refusal in refused
-        }
-        return PendingWrite(batch, chains, snapshot, (refusals, sizes), None)
+        return PendingWrite(
+            batch, chains, snapshot, (_native_refusals(refused, chains), sizes), None
+        )
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
@@ -838,13 +848,7 @@ class SQLiteStore:
                 raise self._unavailable("writing", e) from e
             except RuntimeError as e:
                 raise self._closed_meanwhile(native, e) from e
-            if not refused:
-                return {}, sizes
-            bases = {chain[0]: chain[1] for chain in batch.chains()}
-            return {
-                execution_id: _native_refusal(execution_id, bases[execution_id], refusal)
-                for execution_id, refusal in refused
-            }, sizes
+            return (_native_refusals(refused, batch.chains()) if refused else {}), sizes
         # The rows come encoded from Rust (one call for the whole batch).
         rows, sizes = batch.sqlite_rows(snapshot)
         chains = [
