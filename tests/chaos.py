@@ -50,6 +50,7 @@ class ChaosReport:
     conflicts: int = 0
     conflicts_resolved: int = 0
     conflicts_unresolved: int = 0
+    given_up: list[str] = dataclasses.field(default_factory=list)
     leases_lost: int = 0
     lease_takeovers: int = 0
     claimed_orphans: int = 0
@@ -71,6 +72,7 @@ class ChaosReport:
                 f"conflicts met           {self.conflicts}",
                 f"  resolved (retry/merge) {self.conflicts_resolved}",
                 f"  given up              {self.conflicts_unresolved}",
+                *(f"    {line}" for line in self.given_up[:20]),
                 f"  cut short by a store error or a kill "
                 f"{self.conflicts - self.conflicts_resolved - self.conflicts_unresolved}",
                 f"lease takeovers         {self.lease_takeovers}",
@@ -162,7 +164,8 @@ class Workers:
 
 
 def read_logs(directory: Path, report: ChaosReport) -> list[tuple[str, int, str]]:
-    """The acks of every worker, and their last stats lines summed into ``report``."""
+    """The acks of every worker; their last stats lines summed into ``report``, and
+    the conflicts they gave up on listed in it."""
     acks: list[tuple[str, int, str]] = []
     last_stats: dict[tuple[str, str], list[int]] = {}
     for path in sorted(directory.glob("worker-*.log")):
@@ -172,6 +175,8 @@ def read_logs(directory: Path, report: ChaosReport) -> list[tuple[str, int, str]
                 continue
             if parts[0] == "ack" and len(parts) == 5:
                 acks.append((parts[1], int(parts[2]), parts[3]))
+            elif parts[0] == "given-up":
+                report.given_up.append(line.removeprefix("given-up "))
             elif parts[0] == "stats" and len(parts) == 9:
                 last_stats[(parts[1], parts[2])] = [int(p) for p in parts[3:]]
     for conflicts, resolved, unresolved, lost, takeovers, store_errors in last_stats.values():
@@ -345,6 +350,11 @@ def main() -> None:
     parser.add_argument(
         "--no-restart", action="store_true", help="do not restart PostgreSQL half-way"
     )
+    parser.add_argument(
+        "--database",
+        default="wfstate_chaos",
+        help="the PostgreSQL database to (re)create for the run (one per concurrent run)",
+    )
     arguments = parser.parse_args()
     sys.path.insert(0, str(TESTS_DIR))
     import pg_control
@@ -355,7 +365,7 @@ def main() -> None:
             path.unlink()
     restart: Callable[[], None] | None = None
     if arguments.backend == "postgresql":
-        url = pg_control.fresh_database("wfstate_chaos")
+        url = pg_control.fresh_database(arguments.database)
         if not arguments.no_restart:
             restart = lambda: pg_control.restart(url)  # noqa: E731
     else:

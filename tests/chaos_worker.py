@@ -18,6 +18,7 @@ loses no acknowledgement (the kernel keeps what was written to the file). The ac
 names the call uniquely: the checker finds that actor at that version in the store.
 Counters (conflicts met and resolved, leases lost, takeovers) go to the same log as
 ``stats`` lines, cumulative, so the last one a killed worker wrote is a lower bound.
+A conflict given up on is logged as ``given-up <execution> <actor> <error>``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class Worker:
     def ack(self, execution_id: str, version: int, actor: str, kind: str) -> None:
         self.log.write(f"ack {execution_id} {version} {actor} {kind}\n")
 
+    def given_up(self, execution_id: str, actor: str, error: Exception) -> None:
+        """Count a conflict given up on and log what it was, for the report."""
+        self.counts["conflicts_unresolved"] += 1
+        what = " ".join(f"{type(error).__name__}: {error}".split())
+        self.log.write(f"given-up {execution_id} {actor} {what}\n")
+
     def stats(self) -> None:
         stats = self.sm.stats()
         self.log.write(
@@ -127,8 +134,8 @@ class Worker:
         actor = self.actor("count")
         try:
             version = self.sm.transact(execution_id, bump, retries=100, actor=actor)
-        except ConflictError:
-            self.counts["conflicts_unresolved"] += 1
+        except ConflictError as error:
+            self.given_up(execution_id, actor, error)
             return
         self.ack(execution_id, version, actor, "count")
 
@@ -153,8 +160,8 @@ class Worker:
                 version = self.sm.update_state(
                     execution_id, {"nodes": {node: status}}, actor=actor, lease=lease
                 )
-            except (ConflictError, InvalidTransitionError):
-                self.counts["conflicts_unresolved"] += 1
+            except (ConflictError, InvalidTransitionError) as error:
+                self.given_up(execution_id, actor, error)
                 return
             self.ack(execution_id, version, actor, "node")
 

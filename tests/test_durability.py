@@ -77,6 +77,10 @@ class ControlledStore(GroupedByManager):
         self.failed_writes = 0
         self.gate = threading.Event()
         self.gate.set()
+        #: Report version conflicts with the version as of the statement only (what
+        #: PostgreSQL's store reports when a writer raced its statement and the
+        #: follow-up read of the newer version failed).
+        self.conflicts_as_of_statement = False
         #: (execution_id, version) -> name of the thread whose write stored it.
         self.writers: dict[tuple[str, int], str] = {}
 
@@ -104,6 +108,13 @@ class ControlledStore(GroupedByManager):
     def write(self, items: Sequence[WriteItem]) -> list[WfstateError | None]:
         self._enter_write()
         outcomes = self.inner.write(items)
+        if self.conflicts_as_of_statement:
+            outcomes = [
+                ConflictError(outcome.execution_id, outcome.expected, outcome.expected)
+                if isinstance(outcome, ConflictError)
+                else outcome
+                for outcome in outcomes
+            ]
         thread = threading.current_thread().name
         with self._lock:
             for item, outcome in zip(items, outcomes, strict=True):
@@ -1103,6 +1114,39 @@ def test_sync_managers_sharing_a_store_rebase_or_conflict(stores: Stores) -> Non
     with stores.direct() as store:
         assert loaded(store, "e") == first.get_state("e")
         assert replayed(store, "e") == first.get_state("e")
+
+
+@pytest.mark.parametrize("durability", ["sync"], indirect=True)
+def test_merge_when_the_conflict_names_only_the_version_of_the_statement(
+    stores: Stores,
+) -> None:
+    """A store may refuse a write with the version as of its statement (a writer
+    raced it and the read of the newer version failed): the manager, which caught up
+    from the store, merges onto what it found instead of giving up."""
+    first = stores.manager()
+    first.create_execution("e", workflow_id="wf")
+    second = stores.manager()
+    assert second.get_state("e").version == 1
+    stores.current.conflicts_as_of_statement = True
+    assert first.update_state("e", {"variables": {"x": 1}}) == 2
+    assert second.update_state("e", {"variables": {"y": 2}}) == 3
+    assert second.stats()["conflicts_resolved"] == 1
+    # With shared fields it is still a conflict, naming the version it found.
+    assert first.update_state("e", {"variables": {"x": 3}}) == 4
+    with pytest.raises(ConflictError) as info:
+        second.update_state("e", {"variables": {"x": 4}})
+    assert (info.value.expected, info.value.actual, info.value.fields) == (
+        3,
+        4,
+        frozenset({"variables.x"}),
+    )
+    # An explicit expected version is the caller's to resolve, with the found version.
+    with pytest.raises(ConflictError) as info:
+        second.update_state("e", {"variables": {"z": 5}}, expected_version=3)
+    assert (info.value.expected, info.value.actual) == (3, 4)
+    with stores.direct() as store:
+        assert loaded(store, "e") == first.get_state("e") == second.get_state("e")
+        assert loaded(store, "e").variables == {"x": 3, "y": 2}
 
 
 @pytest.mark.parametrize("durability", ["async"], indirect=True)

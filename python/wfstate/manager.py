@@ -596,24 +596,23 @@ class StateManager:
                 try:
                     self._commit([prepared], lease)
                 except ConflictError as conflict:
-                    # Another process wrote first; memory now holds its version.
-                    if expected_version is not None or conflict.actual <= conflict.expected:
+                    # Another process wrote first; memory now holds its version (or
+                    # a later one). The conflict may name the version as of the
+                    # store's statement only (a writer that raced it, when the
+                    # store's follow-up read failed): memory's is then the newer.
+                    actual = max(conflict.actual, core.get(execution_id).version)
+                    if expected_version is not None or actual <= conflict.expected:
                         # An explicit expected version, or a store behind this copy
                         # (nothing newer to merge onto): the caller decides.
-                        raise ConflictError(
-                            execution_id, conflict.expected, conflict.actual
-                        ) from None
+                        raise ConflictError(execution_id, conflict.expected, actual) from None
                     conflicts += 1
                     self._count("conflicts")
                     newer = (
                         conflict.newer
-                        if isinstance(conflict, NewerVersionsConflict)
-                        and core.get(execution_id).version == conflict.actual
+                        if isinstance(conflict, NewerVersionsConflict) and conflict.actual == actual
                         else None
                     )
-                    self._check_merge(
-                        execution_id, update, conflict.expected, conflict.actual, newer
-                    )
+                    self._check_merge(execution_id, update, conflict.expected, actual, newer)
                     self._count("merges")
                     continue
                 if conflicts:
