@@ -365,6 +365,11 @@ pub struct PyRecordBatch {
 }
 
 impl PyRecordBatch {
+    /// Versions left out (`skip_before`).
+    pub(crate) fn dropped_count(&self) -> usize {
+        self.dropped
+    }
+
     pub fn new(records: Vec<PyVersionRecord>, dropped: usize) -> Self {
         let chains = group_positions(records.iter().map(|r| &*r.state.execution_id))
             .into_iter()

@@ -551,6 +551,11 @@ impl PyEventCursor {
         Ok(PyRecordBatch::new(records, dropped))
     }
 
+    /// `commit()` for a caller that has let go of the GIL already.
+    pub(crate) fn commit_read(&self, id: u64) -> Result<(), CoreError> {
+        self.ring.commit(id, None)
+    }
+
     pub(crate) fn open_id(&self) -> Result<u64, CoreError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(CoreError::Closed("the event cursor is closed".into()));

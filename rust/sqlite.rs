@@ -1115,13 +1115,21 @@ impl PySqliteWriter {
     /// the durable `cursor` (up to `max_events` events, waiting up to `timeout`
     /// seconds for the first; `skip_before` as `EventCursor.read_batch` takes it),
     /// decide its snapshots with `tracker` (`decide_chain` per chain), and write it
-    /// as `write_batch` does. Returns `(batch, batch.chains(), snapshot flags, refusals by
-    /// execution id or None, snapshot sizes or None, error or None)`: nothing written
-    /// for an empty batch; on a failed write, the `sqlite3` module's error (or
-    /// `RuntimeError` once closed) and the batch and flags to retry with
-    /// `write_batch`. The cursor is not committed.
-    #[allow(clippy::type_complexity)]
-    #[pyo3(signature = (cursor, tracker, max_events, timeout, skip_before = None))]
+    /// as `write_batch` does.
+    ///
+    /// While the batches come full (`max_events` versions) and are stored whole, it
+    /// goes on for up to `keep_going` seconds, still without the GIL: each such batch
+    /// is taken off the ring (`cursor.commit()`), its snapshot sizes are given to
+    /// `tracker` (`snapshotted`), and it is counted in `earlier`. The last batch is
+    /// returned as a single step's: `(batch, batch.chains(), snapshot flags,
+    /// refusals by execution id or None, snapshot sizes or None, error or None,
+    /// earlier)`, with `earlier` = `(batches, versions, dropped)` of the batches
+    /// stored before it. Nothing written for an empty batch; on a failed write, the
+    /// `sqlite3` module's error (or `RuntimeError` once closed) and the batch and
+    /// flags to retry with `write_batch`. The cursor is not committed for the last
+    /// batch.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    #[pyo3(signature = (cursor, tracker, max_events, timeout, skip_before = None, keep_going = 0.0))]
     fn pump<'py>(
         &self,
         py: Python<'py>,
@@ -1130,32 +1138,54 @@ impl PySqliteWriter {
         max_events: usize,
         timeout: f64,
         skip_before: Option<HashMap<String, u64>>,
+        keep_going: f64,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let id = cursor.open_id()?;
-        let deadline = Some(deadline_after(timeout, "timeout")?);
+        let first_deadline = deadline_after(timeout, "timeout")?;
+        let until = deadline_after(keep_going, "keep_going")?;
         let cursor: &PyEventCursor = &cursor;
-        let tracker: &PySnapshotTracker = &tracker;
-        let (batch, chains, flags, written) = py.detach(|| -> Result<_, CoreError> {
-            let batch = cursor.batch_until(id, max_events, deadline, skip_before.as_ref())?;
-            let chains = batch.chains();
-            let flags: Vec<bool> = chains
-                .iter()
-                .map(|(id, base, last, status, bytes, first, _)| {
-                    tracker.tracker().decide_chain(
-                        id,
-                        *base,
-                        *last,
-                        is_final(status),
-                        *bytes as u64,
-                        *first as u64,
-                    )
-                })
-                .collect();
-            if batch.__len__() == 0 {
-                return Ok((batch, chains, flags, None));
+        let tracker = tracker.tracker();
+        let (batch, chains, flags, written, earlier) = py.detach(|| -> Result<_, CoreError> {
+            let mut earlier = (0usize, 0usize, 0usize);
+            let mut deadline = first_deadline;
+            loop {
+                let batch =
+                    cursor.batch_until(id, max_events, Some(deadline), skip_before.as_ref())?;
+                let chains = batch.chains();
+                let flags: Vec<bool> = chains
+                    .iter()
+                    .map(|(id, base, last, status, bytes, first, _)| {
+                        tracker.decide_chain(
+                            id,
+                            *base,
+                            *last,
+                            is_final(status),
+                            *bytes as u64,
+                            *first as u64,
+                        )
+                    })
+                    .collect();
+                if batch.__len__() == 0 {
+                    return Ok((batch, chains, flags, None, earlier));
+                }
+                let written = self.write_record_batch(&batch, &flags);
+                let whole = matches!(&written.0, Ok(Ok(refusals)) if refusals.is_empty());
+                if !whole || batch.__len__() < max_events || Instant::now() >= until {
+                    return Ok((batch, chains, flags, Some(written), earlier));
+                }
+                // Stored whole and full: more may be waiting. Account for this one
+                // as the flusher would, and go on without waiting.
+                for (chain, size) in chains.iter().zip(&written.1) {
+                    if *size > 0 {
+                        tracker.snapshotted(&chain.0, *size as u64);
+                    }
+                }
+                cursor.commit_read(id)?;
+                earlier.0 += 1;
+                earlier.1 += chains.iter().map(|chain| chain.6).sum::<usize>();
+                earlier.2 += batch.dropped_count();
+                deadline = Instant::now();
             }
-            let written = self.write_record_batch(&batch, &flags);
-            Ok((batch, chains, flags, Some(written)))
         })?;
         let none = || py.None().into_bound(py);
         let (refusals, sizes, error) = match written {
@@ -1188,6 +1218,7 @@ impl PySqliteWriter {
                 refusals,
                 sizes,
                 error,
+                earlier.into_pyobject(py)?.into_any(),
             ],
         )
     }

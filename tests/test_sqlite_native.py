@@ -34,6 +34,8 @@ from wfstate import (
     WorkflowState,
     _core,
 )
+from wfstate._durable import SnapshotPolicy, snapshot_tracker
+from wfstate.store.base import PendingWrite
 from wfstate.store.sqlite import _NATIVE_STATEMENTS, NATIVE_WRITER_ENV, SQLiteStore
 
 THREADS = 8
@@ -387,6 +389,133 @@ def test_the_write_behind_stores_every_version_through_the_fused_step(
         for execution_id, state in expected.items():
             assert reopened.get_state(execution_id) == state
             assert state.variables["count"] == 200
+
+
+def _ring_of_three(source: StateManager) -> _core.EventCursor:
+    """A durable cursor on ``source``'s ring, then 303 versions in it: e-0..e-2
+    created, 100 updates each of e-0 and e-1 (alternating), then 100 of e-2."""
+    cursor = source._core.open_cursor(durable=True)
+    for index in range(3):
+        source.create_execution(f"e-{index}", workflow_id="w", variables={"n": 0})
+    for n in range(1, 101):
+        for index in (0, 1):
+            source.update_state(f"e-{index}", {"variables": {"n": n}})
+    for n in range(1, 101):
+        source.update_state("e-2", {"variables": {"n": n}})
+    return cursor
+
+
+def test_a_fused_step_goes_on_through_full_batches(path: Path) -> None:
+    """With ``keep_going``, one step writes the full batches one after the other,
+    taking each off the cursor, and returns the last (partial) one as a step's."""
+    with StateManager() as source:
+        cursor = _ring_of_three(source)
+        store = SQLiteStore(str(path), display="test")
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            first = cursor.committed
+            single = store.write_pending(cursor, tracker, 50, 0.0, {})
+            assert single is not None
+            assert (len(single.batch), single.earlier) == (50, (0, 0, 0))
+            assert cursor.committed == first  # the step's own batch: the caller commits
+            cursor.commit()
+            pending = store.write_pending(cursor, tracker, 50, 0.0, {}, keep_going=60.0)
+            assert pending is not None
+            assert pending.earlier == (5, 250, 0)
+            assert len(pending.batch) == 3
+            assert pending.written is not None
+            assert pending.written[0] == {}
+            assert pending.error is None
+            assert cursor.committed == first + 300
+            assert cursor.position == first + 303
+            assert store.current_versions(["e-0", "e-1", "e-2"]) == {
+                "e-0": 101,
+                "e-1": 101,
+                "e-2": 101,
+            }
+        finally:
+            store.close()
+
+
+def test_a_fused_step_stops_going_on_at_a_refusal(path: Path) -> None:
+    """A batch the store refuses part of ends the step: it is returned with its
+    refusal, after the whole batches before it (taken off the cursor)."""
+    with StateManager() as source:
+        cursor = _ring_of_three(source)
+        store = SQLiteStore(str(path), display="test")
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            first = cursor.committed
+            created = store.write_pending(cursor, tracker, 50, 0.0, {})
+            assert created is not None
+            assert created.written is not None
+            assert created.written[0] == {}
+            cursor.commit()
+            with StateManager.open(url(path)) as other:  # e-2's version 2, first
+                assert other.update_state("e-2", {"variables": {"by": "other"}}) == 2
+            pending = store.write_pending(cursor, tracker, 50, 0.0, {}, keep_going=60.0)
+            assert pending is not None
+            assert pending.earlier == (3, 150, 0)
+            assert pending.written is not None
+            refusals, _ = pending.written
+            assert list(refusals) == ["e-2"]
+            assert isinstance(refusals["e-2"], ConflictError)
+            assert cursor.committed == first + 200
+            # The chains of e-0 and e-1 in the refused batch are stored.
+            assert store.current_versions(["e-0", "e-1", "e-2"]) == {
+                "e-0": 101,
+                "e-1": 101,
+                "e-2": 2,
+            }
+        finally:
+            store.close()
+
+
+def test_the_write_behind_counts_the_batches_a_step_went_on_through(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions pile up while the file is locked; once it is free, fused steps go on
+    through the full batches. stats() counts every batch and version, and flush()
+    returns when all are stored."""
+    with StateManager.open(
+        url(path), durability="async", flush_interval=0.01, max_batch=10, connect_timeout=0.05
+    ) as manager:
+        store = manager._store
+        assert isinstance(store, SQLiteStore)
+        went_on: list[tuple[int, int, int]] = []
+        write_pending = store.write_pending
+
+        def spy(*args: Any, **kwargs: Any) -> PendingWrite | None:
+            pending = write_pending(*args, **kwargs)
+            if pending is not None and pending.earlier[0]:
+                went_on.append(pending.earlier)
+            return pending
+
+        monkeypatch.setattr(store, "write_pending", spy)
+        manager.create_execution("e", workflow_id="w", variables={"count": 0})
+        manager.flush()
+        before = manager.stats()
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            for count in range(1, 201):
+                manager.update_state("e", {"variables": {"count": count}})
+            deadline = time.monotonic() + 30
+            while manager.stats()["flush_retries"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        manager.flush(timeout=30)
+        after = manager.stats()
+        assert went_on  # some step stored full batches before the one it returned
+        assert after["pending_events"] == 0
+        assert after["flushed_versions"] - before["flushed_versions"] == 200
+        assert after["flush_batches"] - before["flush_batches"] >= 20
+        state = manager.get_state("e")
+    with StateManager.open(url(path)) as reopened:
+        assert reopened.get_state("e") == state
+        assert state.variables["count"] == 200
 
 
 def test_a_refused_write_behind_version_is_reported_by_flush(path: Path) -> None:

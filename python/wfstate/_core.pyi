@@ -256,6 +256,7 @@ class SqliteWriter:
         max_events: int,
         timeout: float,
         skip_before: dict[str, int] | None = None,
+        keep_going: float = 0.0,
     ) -> tuple[
         RecordBatch,
         list[tuple[str, int, int, str, int, int, int]],
@@ -263,6 +264,7 @@ class SqliteWriter:
         list[tuple[str, tuple[Any, ...]]] | None,
         list[int] | None,
         Exception | None,
+        tuple[int, int, int],
     ]: ...
     def stats(self) -> tuple[int, int]: ...
     def close(self) -> None: ...

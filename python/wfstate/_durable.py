@@ -378,6 +378,7 @@ class Flusher:
                     self._max_batch,
                     self._flush_interval,
                     self._reset_at,
+                    self._flush_interval,
                 )
                 if pending is None:  # the store has no fused step: read, decide, write
                     read = self._cursor.read_batch(
@@ -389,6 +390,8 @@ class Flusher:
                 else:
                     read, chains, snapshot = pending.batch, pending.chains, pending.snapshot
                     written, failure = pending.written, pending.error
+                    if pending.earlier[0]:
+                        self._stored_earlier(*pending.earlier)
                 self._refused_versions += read.dropped
                 if not len(read):
                     self._mark_committed()
@@ -431,6 +434,18 @@ class Flusher:
                 # Let a batch build up, unless someone waits for durability.
                 self._hurry.wait(self._flush_interval)
                 self._hurry.clear()
+
+    def _stored_earlier(self, batches: int, versions: int, dropped: int) -> None:
+        """Count the full batches a fused step stored whole (and took off the cursor)
+        before the batch it returned, and tell ``flush()`` waiters."""
+        self._batches += batches
+        self._versions += versions
+        self._refused_versions += dropped
+        with self._cond:
+            self._committed = self._cursor.committed
+            self._last_error = None
+            self._failing_since = None
+            self._cond.notify_all()
 
     def _failed(self, error: StoreUnavailableError, backoff: float) -> float:
         """Count a failed store call and wait a jittered, growing while."""

@@ -102,6 +102,10 @@ class PendingWrite(NamedTuple):
     written: tuple[dict[str, WfstateError], list[int]] | None
     #: Why the write failed, or None.
     error: StoreUnavailableError | None
+    #: (batches, versions, versions dropped by ``skip_before``) of the full batches
+    #: the step stored whole and took off the cursor before this one (see
+    #: ``Store.write_pending``'s ``keep_going``).
+    earlier: tuple[int, int, int] = (0, 0, 0)
 
 
 class GroupedByManager:
@@ -124,6 +128,7 @@ class GroupedByManager:
         max_events: int,
         timeout: float,
         skip_before: Mapping[str, int],
+        keep_going: float = 0.0,
     ) -> PendingWrite | None:
         """None: the flusher calls ``read_batch``, ``decide_chain`` and ``write_batch``."""
         return None
@@ -273,6 +278,7 @@ class Store(Protocol):
         max_events: int,
         timeout: float,
         skip_before: Mapping[str, int],
+        keep_going: float = 0.0,
     ) -> PendingWrite | None:
         """The write-behind's step fused, or None when the store has none (the flusher
         then calls ``cursor.read_batch``, ``tracker.decide_chain`` per chain and
@@ -281,6 +287,11 @@ class Store(Protocol):
         does, decides its snapshots and writes it like ``write_batch``; the cursor is
         not committed. A failed write is reported in ``PendingWrite.error``, with the
         batch and its decisions kept for a retry by ``write_batch``.
+
+        While the batches come full (``max_events`` versions) and are stored whole, a
+        step may go on for up to ``keep_going`` seconds: each such batch is taken off
+        the cursor (``commit()``), its snapshot sizes given to ``tracker``, and it is
+        counted in ``PendingWrite.earlier``; the last batch is returned as above.
         """
         ...
 

@@ -812,29 +812,29 @@ class SQLiteStore:
         max_events: int,
         timeout: float,
         skip_before: Mapping[str, int],
+        keep_going: float = 0.0,
     ) -> PendingWrite | None:
         """With the native writer, the write-behind's step in one release of the GIL
-        (``SqliteWriter.pump``); else None."""
+        (``SqliteWriter.pump``), going on through full batches for up to
+        ``keep_going`` seconds; else None."""
         native = self._native
         if native is None:
             return None
         self._check_usable()
-        batch, chains, snapshot, refused, sizes, error = native.pump(
-            cursor, tracker, max_events, timeout, dict(skip_before)
+        batch, chains, snapshot, refused, sizes, error, earlier = native.pump(
+            cursor, tracker, max_events, timeout, dict(skip_before), keep_going
         )
         if error is not None:
             if isinstance(error, sqlite3.Error):
-                return PendingWrite(
-                    batch, chains, snapshot, None, self._unavailable("writing", error)
-                )
+                failure = self._unavailable("writing", error)
+                return PendingWrite(batch, chains, snapshot, None, failure, earlier)
             if isinstance(error, RuntimeError):
                 raise self._closed_meanwhile(native, error) from error
             raise error
         if refused is None or sizes is None:
-            return PendingWrite(batch, chains, snapshot, None, None)
-        return PendingWrite(
-            batch, chains, snapshot, (_native_refusals(refused, chains), sizes), None
-        )
+            return PendingWrite(batch, chains, snapshot, None, None, earlier)
+        written = (_native_refusals(refused, chains), sizes)
+        return PendingWrite(batch, chains, snapshot, written, None, earlier)
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
