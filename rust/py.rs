@@ -551,6 +551,11 @@ impl PyEventCursor {
         Ok(PyRecordBatch::new(records, dropped))
     }
 
+    /// `position` for a caller that has let go of the GIL already.
+    pub(crate) fn position_of(&self, id: u64) -> Result<u64, CoreError> {
+        Ok(self.ring.cursor_info(id)?.0)
+    }
+
     /// `commit()` for a caller that has let go of the GIL already.
     pub(crate) fn commit_read(&self, id: u64) -> Result<(), CoreError> {
         self.ring.commit(id, None)

@@ -1117,17 +1117,19 @@ impl PySqliteWriter {
     /// decide its snapshots with `tracker` (`decide_chain` per chain), and write it
     /// as `write_batch` does.
     ///
-    /// While the batches come full (`max_events` versions) and are stored whole, it
-    /// goes on for up to `keep_going` seconds, still without the GIL: each such batch
-    /// is taken off the ring (`cursor.commit()`), its snapshot sizes are given to
-    /// `tracker` (`snapshotted`), and it is counted in `earlier`. The last batch is
+    /// While the reads come full (they stopped at `max_events` events) and their
+    /// batches are stored whole, it goes on for up to `keep_going` seconds after
+    /// the first read, still without the GIL: each such batch's snapshot sizes go to
+    /// `tracker` (`snapshotted`), it is taken off the ring (`cursor.commit()`), and
+    /// it is counted in `earlier`; the next read does not wait. The last batch is
     /// returned as a single step's: `(batch, batch.chains(), snapshot flags,
     /// refusals by execution id or None, snapshot sizes or None, error or None,
-    /// earlier)`, with `earlier` = `(batches, versions, dropped)` of the batches
+    /// earlier)`, with `earlier` = `(batches, versions, dropped)` of the reads
     /// stored before it. Nothing written for an empty batch; on a failed write, the
     /// `sqlite3` module's error (or `RuntimeError` once closed) and the batch and
     /// flags to retry with `write_batch`. The cursor is not committed for the last
-    /// batch.
+    /// batch. A cursor closed after some batches were stored ends the step with an
+    /// empty batch (or the batch just stored) instead of an error.
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     #[pyo3(signature = (cursor, tracker, max_events, timeout, skip_before = None, keep_going = 0.0))]
     fn pump<'py>(
@@ -1142,15 +1144,43 @@ impl PySqliteWriter {
     ) -> PyResult<Bound<'py, PyTuple>> {
         let id = cursor.open_id()?;
         let first_deadline = deadline_after(timeout, "timeout")?;
-        let until = deadline_after(keep_going, "keep_going")?;
+        // Checked here; the window opens once the first batch is read.
+        deadline_after(keep_going, "keep_going")?;
+        let window = Duration::from_secs_f64(keep_going);
         let cursor: &PyEventCursor = &cursor;
         let tracker = tracker.tracker();
         let (batch, chains, flags, written, earlier) = py.detach(|| -> Result<_, CoreError> {
             let mut earlier = (0usize, 0usize, 0usize);
             let mut deadline = first_deadline;
+            let mut until = None;
             loop {
-                let batch =
-                    cursor.batch_until(id, max_events, Some(deadline), skip_before.as_ref())?;
+                let before = cursor.position_of(id);
+                let batch = match cursor.batch_until(
+                    id,
+                    max_events,
+                    Some(deadline),
+                    skip_before.as_ref(),
+                ) {
+                    Ok(batch) => batch,
+                    // Closed by `stop()` after whole batches: report those.
+                    Err(CoreError::Closed(_)) if earlier.0 > 0 => {
+                        return Ok((
+                            PyRecordBatch::new(Vec::new(), 0),
+                            Vec::new(),
+                            Vec::new(),
+                            None,
+                            earlier,
+                        ));
+                    }
+                    Err(error) => return Err(error),
+                };
+                let until = *until.get_or_insert_with(|| Instant::now() + window);
+                // Full: the read stopped at `max_events` events (versions of several
+                // events, or stored already, count as the events they are).
+                let full = match (before, cursor.position_of(id)) {
+                    (Ok(before), Ok(after)) => after - before >= max_events as u64,
+                    _ => false,
+                };
                 let chains = batch.chains();
                 let flags: Vec<bool> = chains
                     .iter()
@@ -1165,23 +1195,37 @@ impl PySqliteWriter {
                         )
                     })
                     .collect();
-                if batch.__len__() == 0 {
+                if batch.__len__() == 0 && !full {
                     return Ok((batch, chains, flags, None, earlier));
                 }
-                let written = self.write_record_batch(&batch, &flags);
-                let whole = matches!(&written.0, Ok(Ok(refusals)) if refusals.is_empty());
-                if !whole || batch.__len__() < max_events || Instant::now() >= until {
-                    return Ok((batch, chains, flags, Some(written), earlier));
+                let written = if batch.__len__() == 0 {
+                    None
+                } else {
+                    Some(self.write_record_batch(&batch, &flags))
+                };
+                let whole = match &written {
+                    None => true,
+                    Some((outcome, _, _)) => {
+                        matches!(outcome, Ok(Ok(refusals)) if refusals.is_empty())
+                    }
+                };
+                if !whole || !full || Instant::now() >= until {
+                    return Ok((batch, chains, flags, written, earlier));
                 }
-                // Stored whole and full: more may be waiting. Account for this one
-                // as the flusher would, and go on without waiting.
-                for (chain, size) in chains.iter().zip(&written.1) {
-                    if *size > 0 {
-                        tracker.snapshotted(&chain.0, *size as u64);
+                // Stored whole and full: more may be waiting. Account for it as the
+                // flusher would, take it off the ring, and go on without waiting.
+                if let Some((_, sizes, _)) = &written {
+                    for (chain, size) in chains.iter().zip(sizes) {
+                        if *size > 0 {
+                            tracker.snapshotted(&chain.0, *size as u64);
+                        }
                     }
                 }
-                cursor.commit_read(id)?;
-                earlier.0 += 1;
+                if cursor.commit_read(id).is_err() {
+                    // Closed meanwhile: this batch is the step's last.
+                    return Ok((batch, chains, flags, written, earlier));
+                }
+                earlier.0 += usize::from(written.is_some());
                 earlier.1 += chains.iter().map(|chain| chain.6).sum::<usize>();
                 earlier.2 += batch.dropped_count();
                 deadline = Instant::now();

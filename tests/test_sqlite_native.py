@@ -478,7 +478,7 @@ def test_the_write_behind_counts_the_batches_a_step_went_on_through(
     through the full batches. stats() counts every batch and version, and flush()
     returns when all are stored."""
     with StateManager.open(
-        url(path), durability="async", flush_interval=0.01, max_batch=10, connect_timeout=0.05
+        url(path), durability="async", flush_interval=0.5, max_batch=10, connect_timeout=0.05
     ) as manager:
         store = manager._store
         assert isinstance(store, SQLiteStore)
@@ -516,6 +516,48 @@ def test_the_write_behind_counts_the_batches_a_step_went_on_through(
     with StateManager.open(url(path)) as reopened:
         assert reopened.get_state("e") == state
         assert state.variables["count"] == 200
+
+
+def test_a_refusal_after_full_batches_is_reported_and_they_are_stored(path: Path) -> None:
+    """Versions pile up behind a locked file, the last of them one that another
+    writer stored first: once the file is free the full batches are stored, and
+    flush() reports the refused version, which memory gives up for the stored one."""
+    with (
+        StateManager.open(url(path), durability="sync") as other,
+        StateManager.open(
+            url(path), durability="async", flush_interval=0.5, max_batch=10, connect_timeout=0.05
+        ) as manager,
+    ):
+        other.create_execution("mine", workflow_id="w", variables={"count": 0})
+        other.create_execution("shared", workflow_id="w")
+        manager.get_state("mine")
+        manager.get_state("shared")  # both loaded at version 1
+        other.update_state("shared", {"variables": {"by": "other"}})  # stored v2
+        before = manager.stats()
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            for count in range(1, 101):
+                manager.update_state("mine", {"variables": {"count": count}})
+            assert manager.update_state("shared", {"variables": {"by": "async"}}) == 2
+            deadline = time.monotonic() + 30
+            while manager.stats()["flush_retries"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        with pytest.raises(ConflictError):
+            manager.flush(timeout=30)
+        after = manager.stats()
+        assert after["refused_versions"] - before["refused_versions"] == 1
+        assert after["flushed_versions"] - before["flushed_versions"] == 100
+        assert after["pending_events"] == 0
+        assert manager.get_state("shared").variables == {"by": "other"}
+        mine = manager.get_state("mine")
+    with StateManager.open(url(path)) as reopened:
+        assert reopened.get_state("mine") == mine
+        assert mine.variables["count"] == 100
+        assert reopened.get_state("shared").variables == {"by": "other"}
 
 
 def test_a_refused_write_behind_version_is_reported_by_flush(path: Path) -> None:

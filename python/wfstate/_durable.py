@@ -54,6 +54,9 @@ __all__ = [
 CRITICAL_CHOICES: Final = frozenset({"status", "node_failed", "error", "nodes", "all"})
 #: The default: execution status changes and node failures.
 DEFAULT_CRITICAL: Final = ("status", "node_failed")
+#: How long a fused write-behind step may go on through full batches (at most the
+#: flush interval): ``flush()`` waiters hear of those batches when the step ends.
+_KEEP_GOING: Final = 0.05
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -378,7 +381,7 @@ class Flusher:
                     self._max_batch,
                     self._flush_interval,
                     self._reset_at,
-                    self._flush_interval,
+                    min(self._flush_interval, _KEEP_GOING),
                 )
                 if pending is None:  # the store has no fused step: read, decide, write
                     read = self._cursor.read_batch(
@@ -390,8 +393,7 @@ class Flusher:
                 else:
                     read, chains, snapshot = pending.batch, pending.chains, pending.snapshot
                     written, failure = pending.written, pending.error
-                    if pending.earlier[0]:
-                        self._stored_earlier(*pending.earlier)
+                    self._stored_earlier(*pending.earlier)
                 self._refused_versions += read.dropped
                 if not len(read):
                     self._mark_committed()
@@ -415,7 +417,9 @@ class Flusher:
                     self._tracker.snapshotted(chain[0], size)
             self._batches += 1
             self._versions += sum(chain[6] for chain in chains if chain[0] not in refusals)
-            full = len(batch) >= self._max_batch
+            # Full: the read stopped at max_batch events (its versions may be fewer:
+            # versions of several events, or stored by the sync path already).
+            full = self._cursor.position - self._committed >= self._max_batch
             batch = None
             with self._cond:
                 self._last_error = None
@@ -441,10 +445,14 @@ class Flusher:
         self._batches += batches
         self._versions += versions
         self._refused_versions += dropped
+        committed = self._cursor.committed
+        if committed == self._committed:
+            return
         with self._cond:
-            self._committed = self._cursor.committed
-            self._last_error = None
-            self._failing_since = None
+            self._committed = committed
+            if batches:
+                self._last_error = None
+                self._failing_since = None
             self._cond.notify_all()
 
     def _failed(self, error: StoreUnavailableError, backoff: float) -> float:

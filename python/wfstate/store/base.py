@@ -102,7 +102,7 @@ class PendingWrite(NamedTuple):
     written: tuple[dict[str, WfstateError], list[int]] | None
     #: Why the write failed, or None.
     error: StoreUnavailableError | None
-    #: (batches, versions, versions dropped by ``skip_before``) of the full batches
+    #: (batches, versions, versions dropped by ``skip_before``) of the full reads
     #: the step stored whole and took off the cursor before this one (see
     #: ``Store.write_pending``'s ``keep_going``).
     earlier: tuple[int, int, int] = (0, 0, 0)
@@ -288,10 +288,11 @@ class Store(Protocol):
         not committed. A failed write is reported in ``PendingWrite.error``, with the
         batch and its decisions kept for a retry by ``write_batch``.
 
-        While the batches come full (``max_events`` versions) and are stored whole, a
-        step may go on for up to ``keep_going`` seconds: each such batch is taken off
-        the cursor (``commit()``), its snapshot sizes given to ``tracker``, and it is
-        counted in ``PendingWrite.earlier``; the last batch is returned as above.
+        While the reads come full (they stopped at ``max_events`` events) and their
+        batches are stored whole, a step may go on, for up to ``keep_going`` seconds
+        after its first read: each such batch's snapshot sizes go to ``tracker``, it
+        is taken off the cursor (``commit()``) and counted in
+        ``PendingWrite.earlier``; the last batch is returned as above.
         """
         ...
 
