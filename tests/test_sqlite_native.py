@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -391,84 +391,108 @@ def test_the_write_behind_stores_every_version_through_the_fused_step(
             assert state.variables["count"] == 200
 
 
-def _ring_of_three(source: StateManager) -> _core.EventCursor:
-    """A durable cursor on ``source``'s ring, then 303 versions in it: e-0..e-2
-    created, 100 updates each of e-0 and e-1 (alternating), then 100 of e-2."""
-    cursor = source._core.open_cursor(durable=True)
-    for index in range(3):
-        source.create_execution(f"e-{index}", workflow_id="w", variables={"n": 0})
-    for n in range(1, 101):
-        for index in (0, 1):
-            source.update_state(f"e-{index}", {"variables": {"n": n}})
-    for n in range(1, 101):
-        source.update_state("e-2", {"variables": {"n": n}})
-    return cursor
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[None]:
+    """Hold the file's write lock from another connection for the block."""
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def wait_for_a_retry(manager: StateManager) -> None:
+    """Until the write-behind has failed a write and retries (at most 30 s)."""
+    deadline = time.monotonic() + 30
+    while manager.stats()["flush_retries"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+class FirstStep(NamedTuple):
+    cursor: _core.EventCursor
+    store: SQLiteStore
+    tracker: _core.SnapshotTracker
+    #: The cursor's committed position before the first step.
+    start: int
+    #: The first step: 50 versions, no ``keep_going``, committed afterwards.
+    step: PendingWrite
+
+
+@contextlib.contextmanager
+def first_step_of_three(path: Path) -> Iterator[FirstStep]:
+    """A durable cursor on a memory-only manager's ring holding 303 versions (e-0..e-2
+    created, 100 updates each of e-0 and e-1, alternating, then 100 of e-2), and a
+    store at ``path`` that one fused step of 50 versions has written."""
+    with StateManager() as source:
+        cursor = source._core.open_cursor(durable=True)
+        for index in range(3):
+            source.create_execution(f"e-{index}", workflow_id="w", variables={"n": 0})
+        for n in range(1, 101):
+            for index in (0, 1):
+                source.update_state(f"e-{index}", {"variables": {"n": n}})
+        for n in range(1, 101):
+            source.update_state("e-2", {"variables": {"n": n}})
+        store = SQLiteStore(str(path), display="test")
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            start = cursor.committed
+            step = store.write_pending(cursor, tracker, 50, 0.0, {})
+            assert step is not None
+            assert step.written is not None
+            assert step.written[0] == {}
+            assert cursor.committed == start  # the step's own batch: the caller commits
+            cursor.commit()
+            yield FirstStep(cursor, store, tracker, start, step)
+        finally:
+            store.close()
 
 
 def test_a_fused_step_goes_on_through_full_batches(path: Path) -> None:
     """With ``keep_going``, one step writes the full batches one after the other,
     taking each off the cursor, and returns the last (partial) one as a step's."""
-    with StateManager() as source:
-        cursor = _ring_of_three(source)
-        store = SQLiteStore(str(path), display="test")
-        try:
-            tracker = snapshot_tracker(SnapshotPolicy())
-            first = cursor.committed
-            single = store.write_pending(cursor, tracker, 50, 0.0, {})
-            assert single is not None
-            assert (len(single.batch), single.earlier) == (50, (0, 0, 0))
-            assert cursor.committed == first  # the step's own batch: the caller commits
-            cursor.commit()
-            pending = store.write_pending(cursor, tracker, 50, 0.0, {}, keep_going=60.0)
-            assert pending is not None
-            assert pending.earlier == (5, 250, 0)
-            assert len(pending.batch) == 3
-            assert pending.written is not None
-            assert pending.written[0] == {}
-            assert pending.error is None
-            assert cursor.committed == first + 300
-            assert cursor.position == first + 303
-            assert store.current_versions(["e-0", "e-1", "e-2"]) == {
-                "e-0": 101,
-                "e-1": 101,
-                "e-2": 101,
-            }
-        finally:
-            store.close()
+    with first_step_of_three(path) as first:
+        assert (len(first.step.batch), first.step.earlier) == (50, (0, 0, 0))
+        cursor = first.cursor
+        pending = first.store.write_pending(cursor, first.tracker, 50, 0.0, {}, keep_going=60.0)
+        assert pending is not None
+        assert pending.earlier == (5, 250, 0)
+        assert len(pending.batch) == 3
+        assert pending.written is not None
+        assert pending.written[0] == {}
+        assert pending.error is None
+        assert cursor.committed == first.start + 300
+        assert cursor.position == first.start + 303
+        assert first.store.current_versions(["e-0", "e-1", "e-2"]) == {
+            "e-0": 101,
+            "e-1": 101,
+            "e-2": 101,
+        }
 
 
 def test_a_fused_step_stops_going_on_at_a_refusal(path: Path) -> None:
     """A batch the store refuses part of ends the step: it is returned with its
     refusal, after the whole batches before it (taken off the cursor)."""
-    with StateManager() as source:
-        cursor = _ring_of_three(source)
-        store = SQLiteStore(str(path), display="test")
-        try:
-            tracker = snapshot_tracker(SnapshotPolicy())
-            first = cursor.committed
-            created = store.write_pending(cursor, tracker, 50, 0.0, {})
-            assert created is not None
-            assert created.written is not None
-            assert created.written[0] == {}
-            cursor.commit()
-            with StateManager.open(url(path)) as other:  # e-2's version 2, first
-                assert other.update_state("e-2", {"variables": {"by": "other"}}) == 2
-            pending = store.write_pending(cursor, tracker, 50, 0.0, {}, keep_going=60.0)
-            assert pending is not None
-            assert pending.earlier == (3, 150, 0)
-            assert pending.written is not None
-            refusals, _ = pending.written
-            assert list(refusals) == ["e-2"]
-            assert isinstance(refusals["e-2"], ConflictError)
-            assert cursor.committed == first + 200
-            # The chains of e-0 and e-1 in the refused batch are stored.
-            assert store.current_versions(["e-0", "e-1", "e-2"]) == {
-                "e-0": 101,
-                "e-1": 101,
-                "e-2": 2,
-            }
-        finally:
-            store.close()
+    with first_step_of_three(path) as first:
+        with StateManager.open(url(path)) as other:  # e-2's version 2, first
+            assert other.update_state("e-2", {"variables": {"by": "other"}}) == 2
+        pending = first.store.write_pending(
+            first.cursor, first.tracker, 50, 0.0, {}, keep_going=60.0
+        )
+        assert pending is not None
+        assert pending.earlier == (3, 150, 0)
+        assert pending.written is not None
+        refusals, _ = pending.written
+        assert list(refusals) == ["e-2"]
+        assert isinstance(refusals["e-2"], ConflictError)
+        assert first.cursor.committed == first.start + 200
+        # The chains of e-0 and e-1 in the refused batch are stored.
+        assert first.store.current_versions(["e-0", "e-1", "e-2"]) == {
+            "e-0": 101,
+            "e-1": 101,
+            "e-2": 2,
+        }
 
 
 def test_the_write_behind_counts_the_batches_a_step_went_on_through(
@@ -495,17 +519,10 @@ def test_the_write_behind_counts_the_batches_a_step_went_on_through(
         manager.create_execution("e", workflow_id="w", variables={"count": 0})
         manager.flush()
         before = manager.stats()
-        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        blocker.execute("BEGIN IMMEDIATE")
-        try:
+        with write_locked(path):
             for count in range(1, 201):
                 manager.update_state("e", {"variables": {"count": count}})
-            deadline = time.monotonic() + 30
-            while manager.stats()["flush_retries"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
+            wait_for_a_retry(manager)
         manager.flush(timeout=30)
         after = manager.stats()
         assert went_on  # some step stored full batches before the one it returned
@@ -534,18 +551,11 @@ def test_a_refusal_after_full_batches_is_reported_and_they_are_stored(path: Path
         manager.get_state("shared")  # both loaded at version 1
         other.update_state("shared", {"variables": {"by": "other"}})  # stored v2
         before = manager.stats()
-        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        blocker.execute("BEGIN IMMEDIATE")
-        try:
+        with write_locked(path):
             for count in range(1, 101):
                 manager.update_state("mine", {"variables": {"count": count}})
             assert manager.update_state("shared", {"variables": {"by": "async"}}) == 2
-            deadline = time.monotonic() + 30
-            while manager.stats()["flush_retries"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
+            wait_for_a_retry(manager)
         with pytest.raises(ConflictError):
             manager.flush(timeout=30)
         after = manager.stats()
@@ -590,21 +600,14 @@ def test_the_write_behind_retries_a_failed_fused_write_then_stores_it(path: Path
     ) as manager:
         manager.create_execution("e", workflow_id="w", variables={"count": 0})
         manager.flush()
-        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        blocker.execute("BEGIN IMMEDIATE")
-        try:
+        with write_locked(path):
             for count in range(1, 51):
                 manager.update_state("e", {"variables": {"count": count}})
-            deadline = time.monotonic() + 30
-            while manager.stats()["flush_retries"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for_a_retry(manager)
             stats = manager.stats()
             assert stats["flush_retries"] > 0
             assert "held the lock" in (stats["last_store_error"] or "")
             assert stats["pending_events"] > 0
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         manager.flush(timeout=30)
         assert manager.stats()["last_store_error"] is None
         state = manager.get_state("e")
