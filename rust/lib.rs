@@ -37,4 +37,19 @@ mod _core {
     use crate::snapshots::PySnapshotTracker;
     #[pymodule_export]
     use crate::sqlite::PySqliteWriter;
+
+    use pyo3::prelude::*;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        use crate::py::{
+            CRITICAL_ALL, CRITICAL_ERROR, CRITICAL_NODES, CRITICAL_NODE_FAILED, CRITICAL_STATUS,
+        };
+        m.add("CRITICAL_STATUS", CRITICAL_STATUS)?;
+        m.add("CRITICAL_NODE_FAILED", CRITICAL_NODE_FAILED)?;
+        m.add("CRITICAL_ERROR", CRITICAL_ERROR)?;
+        m.add("CRITICAL_NODES", CRITICAL_NODES)?;
+        m.add("CRITICAL_ALL", CRITICAL_ALL)?;
+        Ok(())
+    }
 }

@@ -664,6 +664,33 @@ impl PyEventCursor {
     }
 }
 
+/// `Core.apply_unless`'s mask: an update that sets the status.
+pub const CRITICAL_STATUS: u32 = 1;
+/// An update that moves a node to `failed`.
+pub const CRITICAL_NODE_FAILED: u32 = 2;
+/// An update that records an error.
+pub const CRITICAL_ERROR: u32 = 4;
+/// An update that changes any node's status.
+pub const CRITICAL_NODES: u32 = 8;
+/// Every update.
+pub const CRITICAL_ALL: u32 = 16;
+
+/// Whether `update` is critical by the mask (see `Core.apply_unless`).
+fn is_critical(update: &model::Update, critical: u32) -> bool {
+    if critical == 0 {
+        return false;
+    }
+    let nodes = update.nodes.as_deref().unwrap_or_default();
+    critical & CRITICAL_ALL != 0
+        || (critical & CRITICAL_STATUS != 0 && update.status.is_some())
+        || (critical & CRITICAL_ERROR != 0 && update.error.is_some())
+        || (critical & CRITICAL_NODES != 0 && !nodes.is_empty())
+        || (critical & CRITICAL_NODE_FAILED != 0
+            && nodes
+                .iter()
+                .any(|(_, status)| *status == NodeStatus::Failed))
+}
+
 pub(crate) fn deadline_after(seconds: f64, what: &str) -> Result<Instant, CoreError> {
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(CoreError::Validation(format!(
@@ -912,6 +939,39 @@ impl PyCore {
                 now_micros(),
             )
         })
+    }
+
+    /// `apply`, unless the update is critical by `critical` (a mask of
+    /// `CRITICAL_STATUS`, `CRITICAL_NODE_FAILED`, `CRITICAL_ERROR`, `CRITICAL_NODES`,
+    /// `CRITICAL_ALL`): then nothing is applied and None is returned, once the update
+    /// has been validated as `apply` validates it. For the write-behind, whose
+    /// critical updates are written synchronously instead.
+    #[pyo3(signature = (execution_id, update, expected_version = None, actor = None, critical = 0))]
+    fn apply_unless(
+        &self,
+        py: Python<'_>,
+        execution_id: &Bound<'_, PyAny>,
+        update: &Bound<'_, PyAny>,
+        expected_version: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+        critical: u32,
+    ) -> PyResult<Option<u64>> {
+        let execution_id = id_str(execution_id, "execution_id")?;
+        let (update, expected_version, actor) =
+            self.update_args(py, execution_id, update, expected_version, actor)?;
+        if is_critical(&update, critical) {
+            return Ok(None);
+        }
+        self.with_room(py, || {
+            self.engine.apply(
+                execution_id,
+                &update,
+                expected_version,
+                actor.clone(),
+                now_micros(),
+            )
+        })
+        .map(Some)
     }
 
     #[pyo3(signature = (execution_id, update, expected_version = None, actor = None))]

@@ -38,6 +38,7 @@ from wfstate import (
     NotFoundError,
     SnapshotPolicy,
     StateManager,
+    StateUpdate,
     StoreUnavailableError,
     ValidationError,
     WfstateError,
@@ -846,6 +847,40 @@ def test_critical_option_chooses_what_is_written_synchronously(stores: Stores) -
     assert store.writers[("e", version)] == caller
     with stores.direct() as direct:
         assert direct.current_versions(["e"]) == {"e": version}
+
+
+@pytest.mark.parametrize("durability", ["async"], indirect=True)
+@pytest.mark.parametrize(
+    ("critical", "update", "synchronous"),
+    [
+        ([], {"status": "suspended"}, False),
+        (["status"], {"status": "suspended"}, True),
+        (["status"], StateUpdate(status="suspended"), True),
+        (["status"], {"nodes": {"n": "failed"}}, False),
+        (["node_failed"], {"nodes": {"n": "failed"}}, True),
+        (["node_failed"], {"nodes": {"n": "completed"}}, False),
+        (["node_failed"], StateUpdate(nodes={"n": "failed"}), True),
+        (["nodes"], {"nodes": {"n": "completed"}}, True),
+        (["error"], {"error": {"type": "E", "message": "boom"}}, True),
+        (["error"], {"variables": {"a": 1}}, False),
+        (["all"], {"variables": {"a": 1}}, True),
+        (["status", "error"], {"nodes": {"n": "completed"}}, False),
+    ],
+)
+def test_each_critical_choice_decides_who_writes(
+    stores: Stores, critical: list[str], update: Any, synchronous: bool
+) -> None:
+    """The caller writes a critical update itself; the write-behind writes the rest."""
+    manager = stores.manager(flush_interval=SLOW_FLUSH_INTERVAL, critical=critical)
+    store = stores.current
+    manager.create_execution("e", workflow_id="wf")
+    manager.update_state("e", {"nodes": {"n": "running"}})
+    manager.flush()
+    version = manager.update_state("e", update)
+    manager.flush()
+    caller = threading.current_thread().name
+    assert (store.writers[("e", version)] == caller) is synchronous
+    check_stored(stores, {"e": manager.get_state("e")})
 
 
 @pytest.mark.parametrize("durability", ["async"], indirect=True)

@@ -9,7 +9,23 @@ from wfstate.store.base import LoadedExecution
 
 _T = TypeVar("_T")
 
+#: ``Core.apply_unless``'s mask: an update that sets the status.
+CRITICAL_STATUS: int
+#: An update that moves a node to ``failed``.
+CRITICAL_NODE_FAILED: int
+#: An update that records an error.
+CRITICAL_ERROR: int
+#: An update that changes any node's status.
+CRITICAL_NODES: int
+#: Every update.
+CRITICAL_ALL: int
+
 __all__ = [
+    "CRITICAL_ALL",
+    "CRITICAL_ERROR",
+    "CRITICAL_NODES",
+    "CRITICAL_NODE_FAILED",
+    "CRITICAL_STATUS",
     "Core",
     "EventCursor",
     "NodeState",
@@ -324,6 +340,14 @@ class Core:
         expected_version: int | None = None,
         actor: str | None = None,
     ) -> int: ...
+    def apply_unless(
+        self,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        expected_version: int | None = None,
+        actor: str | None = None,
+        critical: int = 0,
+    ) -> int | None: ...
     def prepare(
         self,
         execution_id: str,

@@ -47,6 +47,7 @@ __all__ = [
     "ManagerStats",
     "SnapshotPolicy",
     "SnapshotTracker",
+    "critical_mask",
     "snapshot_tracker",
 ]
 
@@ -585,3 +586,20 @@ def check_critical(critical: Collection[str]) -> frozenset[str]:
             f"unknown critical change(s) {sorted(unknown)} (choose from {sorted(CRITICAL_CHOICES)})"
         )
     return chosen
+
+
+_CRITICAL_BITS: Final = {
+    "status": _core.CRITICAL_STATUS,
+    "node_failed": _core.CRITICAL_NODE_FAILED,
+    "error": _core.CRITICAL_ERROR,
+    "nodes": _core.CRITICAL_NODES,
+    "all": _core.CRITICAL_ALL,
+}
+
+
+def critical_mask(critical: frozenset[str]) -> int:
+    """``critical`` (checked by ``check_critical``) as ``Core.apply_unless`` takes it."""
+    mask = 0
+    for name in critical:
+        mask |= _CRITICAL_BITS[name]
+    return mask

@@ -33,6 +33,7 @@ from wfstate._durable import (
     SnapshotPolicy,
     SnapshotTracker,
     check_critical,
+    critical_mask,
     snapshot_tracker,
 )
 from wfstate._lease import Heartbeat, Lease, LeaseGrant, LeaseTable
@@ -156,6 +157,7 @@ class StateManager:
         "_counter_lock",
         "_counters",
         "_critical",
+        "_critical_mask",
         "_durability",
         "_flusher",
         "_granted",
@@ -189,6 +191,7 @@ class StateManager:
         self._flusher: Flusher | None = None
         self._tracker: SnapshotTracker | None = None
         self._critical: frozenset[str] = frozenset()
+        self._critical_mask = 0
         self._recovered: list[str] = []
         self._stripes: list[threading.Lock] = []
         self._closed_lock = threading.Lock()
@@ -282,6 +285,7 @@ class StateManager:
         self._store = store
         self._durability = durability
         self._critical = critical
+        self._critical_mask = critical_mask(critical)
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._tracker = snapshot_tracker(snapshot_policy)
         self._committer = GroupCommitter(store, max_batch=max_batch)
@@ -436,27 +440,6 @@ class StateManager:
         with self._counter_lock:
             self._counters[counter] += amount
 
-    def _is_critical(self, update: StateUpdate | Mapping[str, Any]) -> bool:
-        critical = self._critical
-        if not critical:
-            return False
-        if "all" in critical:
-            return True
-        get = update.get if isinstance(update, Mapping) else update.__getattribute__
-        try:
-            if "status" in critical and get("status") is not None:
-                return True
-            if "error" in critical and get("error") is not None:
-                return True
-            nodes = get("nodes")
-        except AttributeError:
-            return False  # not an update at all: the core will say so
-        if not nodes or not isinstance(nodes, Mapping):
-            return False
-        if "nodes" in critical:
-            return True
-        return "node_failed" in critical and any(str(v) == "failed" for v in nodes.values())
-
     def _in_memory(self, execution_id: str) -> bool:
         try:
             self._core.get(execution_id)
@@ -530,8 +513,10 @@ class StateManager:
                 return self._apply_leased_in_memory(
                     execution_id, update, expected_version, actor, lease
                 )
-        if self._durability == "async" and lease is None and not self._is_critical(update):
-            return self._apply_async(execution_id, update, expected_version, actor)
+        if self._durability == "async" and lease is None:
+            applied = self._apply_async(execution_id, update, expected_version, actor)
+            if applied is not None:
+                return applied
         return self._apply_sync(execution_id, update, expected_version, actor, lease)
 
     def _apply_leased_in_memory(
@@ -567,14 +552,18 @@ class StateManager:
         update: StateUpdate | Mapping[str, Any],
         expected_version: int | None,
         actor: str | None,
-    ) -> int:
-        with self._stripe(execution_id):
+    ) -> int | None:
+        """Apply in memory for the write-behind; None, with nothing applied, when the
+        ``critical`` policy says the update is written synchronously."""
+        apply = self._core.apply_unless
+        mask = self._critical_mask
+        with self._stripes[hash(execution_id) % _STRIPES]:
             try:
-                return self._core.apply(execution_id, update, expected_version, actor)
+                return apply(execution_id, update, expected_version, actor, mask)
             except NotFoundError:
                 if self._load(execution_id) is None:
                     raise
-            return self._core.apply(execution_id, update, expected_version, actor)
+            return apply(execution_id, update, expected_version, actor, mask)
 
     def _apply_sync(
         self,
