@@ -670,7 +670,7 @@ pub const CRITICAL_STATUS: u32 = 1;
 pub const CRITICAL_NODE_FAILED: u32 = 2;
 /// An update that records an error.
 pub const CRITICAL_ERROR: u32 = 4;
-/// An update that changes any node's status.
+/// An update that names at least one node (`nodes`).
 pub const CRITICAL_NODES: u32 = 8;
 /// Every update.
 pub const CRITICAL_ALL: u32 = 16;
@@ -943,9 +943,10 @@ impl PyCore {
 
     /// `apply`, unless the update is critical by `critical` (a mask of
     /// `CRITICAL_STATUS`, `CRITICAL_NODE_FAILED`, `CRITICAL_ERROR`, `CRITICAL_NODES`,
-    /// `CRITICAL_ALL`): then nothing is applied and None is returned, once the update
-    /// has been validated as `apply` validates it. For the write-behind, whose
-    /// critical updates are written synchronously instead.
+    /// `CRITICAL_ALL`): then nothing is applied and None is returned, after the
+    /// checks that need no state (the update's shape, types and size,
+    /// `expected_version`, `actor`). For the write-behind, whose critical updates
+    /// are written synchronously instead.
     #[pyo3(signature = (execution_id, update, expected_version = None, actor = None, critical = 0))]
     fn apply_unless(
         &self,
@@ -957,11 +958,14 @@ impl PyCore {
         critical: u32,
     ) -> PyResult<Option<u64>> {
         let execution_id = id_str(execution_id, "execution_id")?;
-        let (update, expected_version, actor) =
-            self.update_args(py, execution_id, update, expected_version, actor)?;
-        if is_critical(&update, critical) {
+        let parsed = parse_update(py, update, self.max_update_bytes)?;
+        let checked = expected(expected_version)?;
+        let actor = opt_id(actor, "actor")?;
+        if is_critical(&parsed, critical) {
             return Ok(None);
         }
+        self.check_huge_expected(execution_id, expected_version, checked)?;
+        let (update, expected_version) = (parsed, checked);
         self.with_room(py, || {
             self.engine.apply(
                 execution_id,

@@ -35,6 +35,7 @@ from wfstate import (
     EventType,
     ExecutionStatus,
     HistoryOptions,
+    NodeStatus,
     NotFoundError,
     SnapshotPolicy,
     StateManager,
@@ -865,6 +866,10 @@ def test_critical_option_chooses_what_is_written_synchronously(stores: Stores) -
         (["error"], {"variables": {"a": 1}}, False),
         (["all"], {"variables": {"a": 1}}, True),
         (["status", "error"], {"nodes": {"n": "completed"}}, False),
+        (["nodes"], {"nodes": {}, "variables": {"a": 1}}, False),
+        (["status"], {"status": None, "variables": {"a": 1}}, False),
+        (["node_failed"], {"nodes": {"n": NodeStatus.FAILED}}, True),
+        (["error"], {"error": RuntimeError("boom")}, True),
     ],
 )
 def test_each_critical_choice_decides_who_writes(
@@ -881,6 +886,24 @@ def test_each_critical_choice_decides_who_writes(
     caller = threading.current_thread().name
     assert (store.writers[("e", version)] == caller) is synchronous
     check_stored(stores, {"e": manager.get_state("e")})
+
+
+@pytest.mark.parametrize("durability", ["async"], indirect=True)
+@pytest.mark.parametrize("critical", [["all"], ["status"], []])
+def test_an_invalid_update_is_refused_whatever_the_critical_choice(
+    stores: Stores, critical: list[str]
+) -> None:
+    manager = stores.manager(flush_interval=SLOW_FLUSH_INTERVAL, critical=critical)
+    manager.create_execution("e", workflow_id="wf")
+    before = manager.get_state("e")
+    for update in ({"status": "sleeping"}, {"colour": "red"}, {"status": "running", "x": 1}):
+        with pytest.raises(ValidationError):
+            manager.update_state("e", update)
+    with pytest.raises(ValidationError):
+        manager.update_state("e", {"status": "suspended"}, expected_version=-1)
+    assert manager.get_state("e") == before
+    manager.flush()
+    check_stored(stores, {"e": before})
 
 
 @pytest.mark.parametrize("durability", ["async"], indirect=True)

@@ -15,7 +15,7 @@ CRITICAL_STATUS: int
 CRITICAL_NODE_FAILED: int
 #: An update that records an error.
 CRITICAL_ERROR: int
-#: An update that changes any node's status.
+#: An update that names at least one node (``nodes``).
 CRITICAL_NODES: int
 #: Every update.
 CRITICAL_ALL: int

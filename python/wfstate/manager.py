@@ -513,7 +513,11 @@ class StateManager:
                 return self._apply_leased_in_memory(
                     execution_id, update, expected_version, actor, lease
                 )
-        if self._durability == "async" and lease is None:
+        if (
+            self._durability == "async"
+            and lease is None
+            and not self._critical_mask & _core.CRITICAL_ALL
+        ):
             applied = self._apply_async(execution_id, update, expected_version, actor)
             if applied is not None:
                 return applied
