@@ -842,11 +842,41 @@ impl PyCore {
         expected_version: Option<&Bound<'_, PyAny>>,
         actor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<UpdateArgs> {
+        let args = self.stateless_args(py, update, expected_version, actor)?;
+        self.check_huge_expected(execution_id, expected_version, args.1)?;
+        Ok(args)
+    }
+
+    /// `update_args` without the check that needs the execution's state.
+    fn stateless_args(
+        &self,
+        py: Python<'_>,
+        update: &Bound<'_, PyAny>,
+        expected_version: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<UpdateArgs> {
         let update = parse_update(py, update, self.max_update_bytes)?;
         let checked = expected(expected_version)?;
         let actor = opt_id(actor, "actor")?;
-        self.check_huge_expected(execution_id, expected_version, checked)?;
         Ok((update, checked, actor))
+    }
+
+    /// Apply checked arguments (waiting for room in the ring as configured).
+    fn apply_args(
+        &self,
+        py: Python<'_>,
+        execution_id: &str,
+        (update, expected_version, actor): UpdateArgs,
+    ) -> PyResult<u64> {
+        self.with_room(py, || {
+            self.engine.apply(
+                execution_id,
+                &update,
+                expected_version,
+                actor.clone(),
+                now_micros(),
+            )
+        })
     }
 
     /// An `expected_version` beyond 64 bits can never match: once the execution is
@@ -928,17 +958,8 @@ impl PyCore {
         actor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let execution_id = id_str(execution_id, "execution_id")?;
-        let (update, expected_version, actor) =
-            self.update_args(py, execution_id, update, expected_version, actor)?;
-        self.with_room(py, || {
-            self.engine.apply(
-                execution_id,
-                &update,
-                expected_version,
-                actor.clone(),
-                now_micros(),
-            )
-        })
+        let args = self.update_args(py, execution_id, update, expected_version, actor)?;
+        self.apply_args(py, execution_id, args)
     }
 
     /// `apply`, unless the update is critical by `critical` (a mask of
@@ -958,24 +979,12 @@ impl PyCore {
         critical: u32,
     ) -> PyResult<Option<u64>> {
         let execution_id = id_str(execution_id, "execution_id")?;
-        let parsed = parse_update(py, update, self.max_update_bytes)?;
-        let checked = expected(expected_version)?;
-        let actor = opt_id(actor, "actor")?;
-        if is_critical(&parsed, critical) {
+        let args = self.stateless_args(py, update, expected_version, actor)?;
+        if is_critical(&args.0, critical) {
             return Ok(None);
         }
-        self.check_huge_expected(execution_id, expected_version, checked)?;
-        let (update, expected_version) = (parsed, checked);
-        self.with_room(py, || {
-            self.engine.apply(
-                execution_id,
-                &update,
-                expected_version,
-                actor.clone(),
-                now_micros(),
-            )
-        })
-        .map(Some)
+        self.check_huge_expected(execution_id, expected_version, args.1)?;
+        self.apply_args(py, execution_id, args).map(Some)
     }
 
     #[pyo3(signature = (execution_id, update, expected_version = None, actor = None))]
