@@ -224,6 +224,18 @@ def run_leases_beside_writes(manager: StateManager) -> None:
     assert manager.get_state("leased").variables["token"] == grants[-1]
 
 
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[None]:
+    """Hold the file's write lock from another connection for the block."""
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
 def test_a_failed_transaction_fails_every_caller_it_carried_and_changes_nothing(
     path: Path,
 ) -> None:
@@ -234,8 +246,6 @@ def test_a_failed_transaction_fails_every_caller_it_carried_and_changes_nothing(
         for index in range(4):
             manager.create_execution(f"e-{index}", workflow_id="w")
         transactions = manager.stats()["group_commits"]
-        blocker = sqlite3.connect(path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
         failures: list[BaseException] = []
 
         def update(name: str) -> None:
@@ -245,14 +255,11 @@ def test_a_failed_transaction_fails_every_caller_it_carried_and_changes_nothing(
                 failures.append(error)
 
         threads = [threading.Thread(target=update, args=(f"e-{i}",)) for i in range(4)]
-        try:
+        with write_locked(path):
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join(timeout=30)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         assert len(failures) == 4
         assert all(isinstance(error, StoreUnavailableError) for error in failures)
         # Fewer transactions than callers: callers queued behind the first shared one
@@ -389,18 +396,6 @@ def test_the_write_behind_stores_every_version_through_the_fused_step(
         for execution_id, state in expected.items():
             assert reopened.get_state(execution_id) == state
             assert state.variables["count"] == 200
-
-
-@contextlib.contextmanager
-def write_locked(path: Path) -> Iterator[None]:
-    """Hold the file's write lock from another connection for the block."""
-    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
 
 
 def wait_for_a_retry(manager: StateManager) -> None:

@@ -561,7 +561,7 @@ class StateManager:
         ``critical`` policy says the update is written synchronously."""
         apply = self._core.apply_unless
         mask = self._critical_mask
-        with self._stripes[hash(execution_id) % _STRIPES]:
+        with self._stripe(execution_id):
             try:
                 return apply(execution_id, update, expected_version, actor, mask)
             except NotFoundError:
