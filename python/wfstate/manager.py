@@ -233,8 +233,9 @@ class StateManager:
         callers share transactions (group commit). ``durability="async"``: updates
         apply in memory at once and a background flusher stores them in batches of
         up to ``max_batch`` versions, at least every ``flush_interval`` seconds; a
-        crash loses at most what was applied in the last ``flush_interval`` plus
-        one batch write. ``flush()`` waits for durability; ``close()`` drains.
+        crash loses what was applied in the last ``flush_interval`` plus one batch
+        write (longer while other threads keep the GIL busy: README, "Durability").
+        ``flush()`` waits for durability; ``close()`` drains.
         Updates matching ``critical`` ("status", "node_failed", "error", "nodes",
         "all") are written synchronously even in async mode.
 
