@@ -389,6 +389,20 @@ fn events_to_py(py: Python<'_>, events: Vec<Arc<Event>>) -> PyResult<Vec<Py<PySt
 
 // -- PreparedUpdate ------------------------------------------------------------------
 
+/// What a store writes for a prepared version.
+pub(crate) fn version_record(prepared: &Prepared) -> PyVersionRecord {
+    PyVersionRecord::new(
+        prepared.state.clone(),
+        prepared.base_version,
+        prepared.actor.clone(),
+        prepared
+            .events
+            .iter()
+            .map(|e| (e.kind, e.node_id.clone(), &*e.data)),
+        0,
+    )
+}
+
 /// An update checked and computed, not yet visible. Publish it with `Core.publish`.
 #[pyclass(frozen, module = "wfstate._core", name = "PreparedUpdate")]
 pub struct PyPreparedUpdate {
@@ -421,17 +435,7 @@ impl PyPreparedUpdate {
 
     /// What a store writes for this version.
     fn record(&self) -> PyVersionRecord {
-        let prepared = &self.prepared;
-        PyVersionRecord::new(
-            prepared.state.clone(),
-            prepared.base_version,
-            prepared.actor.clone(),
-            prepared
-                .events
-                .iter()
-                .map(|e| (e.kind, e.node_id.clone(), &*e.data)),
-            0,
-        )
+        version_record(&self.prepared)
     }
 
     /// The events the update will record; their `seq` is 0 until published.
@@ -713,6 +717,33 @@ pub struct PyCore {
 }
 
 impl PyCore {
+    /// `prepare`'s work, for the native writers' one-call sync path too.
+    pub(crate) fn prepared(
+        &self,
+        py: Python<'_>,
+        execution_id: &Bound<'_, PyAny>,
+        update: &Bound<'_, PyAny>,
+        expected_version: Option<&Bound<'_, PyAny>>,
+        actor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Prepared> {
+        let execution_id = id_str(execution_id, "execution_id")?;
+        let (update, expected_version, actor) =
+            self.update_args(py, execution_id, update, expected_version, actor)?;
+        Ok(self
+            .engine
+            .prepare(execution_id, &update, expected_version, actor, now_micros())?)
+    }
+
+    /// `publish`'s work (waiting for room in the ring as it does).
+    pub(crate) fn publish_prepared(
+        &self,
+        py: Python<'_>,
+        prepared: &Prepared,
+        persisted: bool,
+    ) -> PyResult<u64> {
+        self.with_room(py, || self.engine.publish(prepared, persisted))
+    }
+
     /// Run `attempt` until the ring has room for its events (or give up).
     fn with_room<T>(
         &self,
@@ -996,13 +1027,9 @@ impl PyCore {
         expected_version: Option<&Bound<'_, PyAny>>,
         actor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyPreparedUpdate> {
-        let execution_id = id_str(execution_id, "execution_id")?;
-        let (update, expected_version, actor) =
-            self.update_args(py, execution_id, update, expected_version, actor)?;
-        let prepared =
-            self.engine
-                .prepare(execution_id, &update, expected_version, actor, now_micros())?;
-        Ok(PyPreparedUpdate { prepared })
+        Ok(PyPreparedUpdate {
+            prepared: self.prepared(py, execution_id, update, expected_version, actor)?,
+        })
     }
 
     #[pyo3(signature = (prepared, *, persisted = true))]
@@ -1012,7 +1039,7 @@ impl PyCore {
         prepared: &PyPreparedUpdate,
         persisted: bool,
     ) -> PyResult<u64> {
-        self.with_room(py, || self.engine.publish(&prepared.prepared, persisted))
+        self.publish_prepared(py, &prepared.prepared, persisted)
     }
 
     #[pyo3(signature = (execution_id, workflow_id, variables = None, context = None, actor = None))]

@@ -201,6 +201,32 @@ impl PySnapshotTracker {
     pub(crate) fn tracker(&self) -> &Tracker {
         &self.tracker
     }
+
+    /// Whether `record` (a sync write's version) is stored with a snapshot.
+    fn wants_snapshot(&self, record: &PyVersionRecord) -> bool {
+        let state = &record.state;
+        self.tracker.decide(
+            &state.execution_id,
+            record.base_version,
+            state.version,
+            state.status.is_final(),
+            record.delta.len() as u64,
+        )
+    }
+
+    /// Encode `record`'s snapshot and count it as the execution's newest.
+    fn encode_snapshot(&self, record: &PyVersionRecord) -> Vec<u8> {
+        let bytes = codec::encode_snapshot(&record.state);
+        self.tracker
+            .snapshotted(&record.state.execution_id, bytes.len() as u64);
+        bytes
+    }
+
+    /// `snapshot_for` without the GIL: the snapshot's bytes, or None.
+    pub(crate) fn snapshot_of(&self, record: &PyVersionRecord) -> Option<Vec<u8>> {
+        self.wants_snapshot(record)
+            .then(|| self.encode_snapshot(record))
+    }
 }
 
 #[pymethods]
@@ -269,21 +295,10 @@ impl PySnapshotTracker {
         py: Python<'py>,
         record: &PyVersionRecord,
     ) -> Option<Bound<'py, PyBytes>> {
-        let state = &record.state;
-        let wanted = self.tracker.decide(
-            &state.execution_id,
-            record.base_version,
-            state.version,
-            state.status.is_final(),
-            record.delta.len() as u64,
-        );
-        if !wanted {
+        if !self.wants_snapshot(record) {
             return None;
         }
-        let state = state.clone();
-        let bytes = py.detach(|| codec::encode_snapshot(&state));
-        self.tracker
-            .snapshotted(&state.execution_id, bytes.len() as u64);
+        let bytes = py.detach(|| self.encode_snapshot(record));
         Some(PyBytes::new(py, &bytes))
     }
 

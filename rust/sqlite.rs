@@ -28,7 +28,7 @@ use pyo3::types::{PyBytes, PyTuple};
 
 use crate::batch::{sqlite_chain_rows, ChainView, PyRecordBatch, RowKind, SqlValue, SyncItem};
 use crate::errors::CoreError;
-use crate::py::{deadline_after, PyEventCursor};
+use crate::py::{deadline_after, version_record, PyCore, PyEventCursor};
 use crate::snapshots::{is_final, PySnapshotTracker};
 
 // -- the C API, from the loaded library --------------------------------------------
@@ -1068,6 +1068,51 @@ impl PySqliteWriter {
             .into_iter()
             .map(|(index, refusal)| Ok((chains[index].1.clone(), refusal.into_py(py)?)))
             .collect()
+    }
+
+    /// The sync path of one update without a lease, in one call (the manager's hot
+    /// path on SQLite): prepare it on `core` as `Core.prepare` does, decide its
+    /// snapshot with `tracker` as `snapshot_for` does, write it with the group as
+    /// `write_items` does, and publish it on `core` once it is stored. The snapshot
+    /// and the write run without the GIL.
+    ///
+    /// Returns `(new version, None)`, or `(base version, refusal)` when the store
+    /// refused it (a refusal as `write_items` gives them; nothing is published).
+    /// Raises what `Core.prepare` raises (nothing written), the `sqlite3` module's
+    /// error when the transaction failed (nothing stored, nothing published), and
+    /// `RuntimeError` once closed.
+    #[pyo3(signature = (core, tracker, execution_id, update, expected_version = None, actor = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn apply<'py>(
+        &self,
+        py: Python<'py>,
+        core: PyRef<'py, PyCore>,
+        tracker: PyRef<'py, PySnapshotTracker>,
+        execution_id: &Bound<'py, PyAny>,
+        update: &Bound<'py, PyAny>,
+        expected_version: Option<&Bound<'py, PyAny>>,
+        actor: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(u64, Option<Bound<'py, PyAny>>)> {
+        let prepared = core.prepared(py, execution_id, update, expected_version, actor)?;
+        let record = version_record(&prepared);
+        let tracker: &PySnapshotTracker = &tracker;
+        let outcome = py.detach(|| {
+            let snapshot = tracker.snapshot_of(&record);
+            let chain = ChainView {
+                id: &record.state.execution_id,
+                records: vec![&record],
+                snapshots: vec![snapshot.as_deref()],
+                lease: None,
+            };
+            self.commit(vec![Planned::new(&chain)], false)
+        });
+        match outcome_to_py(py, outcome)?.pop() {
+            None => {
+                core.publish_prepared(py, &prepared, true)?;
+                Ok((prepared.state.version, None))
+            }
+            Some((_, refusal)) => Ok((prepared.base_version, Some(refusal.into_py(py)?))),
+        }
     }
 
     /// Write a write-behind batch (through the group's queue, in a transaction of its

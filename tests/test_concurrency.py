@@ -252,6 +252,10 @@ class _HeldStore:
         self.written.extend(items)
         return [None] * len(items)
 
+    def write_update(self, *args: object) -> None:
+        """No one-call sync path: the manager prepares and calls ``write``."""
+        return None
+
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
 def test_a_group_commit_waiter_interrupted_by_a_signal_still_does_its_part() -> None:

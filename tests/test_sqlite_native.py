@@ -31,11 +31,12 @@ from wfstate import (
     ConflictError,
     StateManager,
     StoreUnavailableError,
+    ValidationError,
     WorkflowState,
     _core,
 )
 from wfstate._durable import SnapshotPolicy, snapshot_tracker
-from wfstate.store.base import PendingWrite
+from wfstate.store.base import PendingWrite, WriteItem
 from wfstate.store.sqlite import _NATIVE_STATEMENTS, NATIVE_WRITER_ENV, SQLiteStore
 
 THREADS = 8
@@ -609,3 +610,128 @@ def test_the_write_behind_retries_a_failed_fused_write_then_stores_it(path: Path
     with StateManager.open(url(path)) as reopened:
         assert reopened.get_state("e") == state
         assert state.variables["count"] == 50
+
+
+# -- the sync path of one update in one call (Store.write_update) ---------------------------
+
+
+class OneCall(NamedTuple):
+    store: SQLiteStore
+    core: _core.Core
+    tracker: _core.SnapshotTracker
+
+
+@pytest.fixture
+def one_call(path: Path) -> Iterator[OneCall]:
+    """A native store holding execution ``e`` at version 1, and a core and a tracker
+    holding it as the manager would."""
+    store = SQLiteStore(str(path), display=url(path), connect_timeout=0.3)
+    core = _core.Core()
+    tracker = snapshot_tracker(SnapshotPolicy())
+    created = core.prepare_create("e", "w", {"a": 0}, None, None)
+    assert store.write([WriteItem(created.record(), None, None)]) == [None]
+    core.publish(created)
+    try:
+        yield OneCall(store, core, tracker)
+    finally:
+        store.close()
+
+
+def stored_version(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        (version,) = connection.execute(
+            "SELECT version FROM wfstate_executions WHERE execution_id = 'e'"
+        ).fetchone()
+    return int(version)
+
+
+def test_write_update_prepares_writes_and_publishes_in_one_call(
+    path: Path, one_call: OneCall
+) -> None:
+    store, core, tracker = one_call
+    assert store.write_update(core, tracker, "e", {"variables": {"a": 1}}, None, "alice") == (
+        2,
+        None,
+    )
+    assert core.get("e").version == 2
+    assert stored_version(path) == 2
+    loaded = store.load("e")
+    assert loaded is not None
+    stored = _core.rebuild("e", loaded.snapshot, loaded.deltas)
+    assert stored.to_dict() == core.get("e").to_dict()
+    assert [(version, actor) for version, _, actor, _ in store.read_deltas("e")][-1] == (
+        2,
+        "alice",
+    )
+    # The tracker decides the snapshot as on the step-by-step path: one at a final
+    # status.
+    assert store.write_update(core, tracker, "e", {"status": "completed"}, 2, None) == (3, None)
+    loaded = store.load("e")
+    assert loaded is not None
+    assert loaded.snapshot_version == 3
+
+
+def test_write_update_refused_publishes_nothing(path: Path, one_call: OneCall) -> None:
+    """Another writer stored version 2 first: the refusal comes back with the
+    versions it missed, and this core stays at version 1."""
+    store, core, tracker = one_call
+    other = _core.Core()
+    loaded = store.load("e")
+    assert loaded is not None
+    other.install(_core.rebuild("e", loaded.snapshot, loaded.deltas))
+    assert store.write_update(other, tracker, "e", {"variables": {"b": 1}}, None, None) == (
+        2,
+        None,
+    )
+    outcome = store.write_update(core, tracker, "e", {"variables": {"a": 1}}, None, None)
+    assert outcome is not None
+    base, refusal = outcome
+    assert base == 1
+    assert isinstance(refusal, ConflictError)
+    assert (refusal.expected, refusal.actual) == (1, 2)
+    assert core.get("e").version == 1
+    assert stored_version(path) == 2
+
+
+def test_write_update_of_a_bad_update_writes_nothing(path: Path, one_call: OneCall) -> None:
+    store, core, tracker = one_call
+    with pytest.raises(ValidationError):
+        store.write_update(core, tracker, "e", {"status": "no-such-status"}, None, None)
+    with pytest.raises(ConflictError):
+        store.write_update(core, tracker, "e", {"variables": {"a": 1}}, 7, None)
+    assert core.get("e").version == 1
+    assert stored_version(path) == 1
+
+
+def test_write_update_that_fails_changes_nothing(path: Path, one_call: OneCall) -> None:
+    """The file's lock is held past the timeout: StoreUnavailableError, neither the
+    store nor the core advanced; the same update succeeds once the lock is gone."""
+    store, core, tracker = one_call
+    with write_locked(path), pytest.raises(StoreUnavailableError, match="held the lock"):
+        store.write_update(core, tracker, "e", {"variables": {"a": 1}}, None, None)
+    assert core.get("e").version == 1
+    assert stored_version(path) == 1
+    assert store.write_update(core, tracker, "e", {"variables": {"a": 1}}, None, None) == (2, None)
+    assert stored_version(path) == 2
+
+
+def test_a_stale_copy_is_merged_and_a_missing_one_loaded_on_the_one_call_path(
+    path: Path,
+) -> None:
+    """Two managers on one file. The second has never loaded ``e``: its one call
+    finds nothing in memory and the update goes through the path that loads it. The
+    first's copy is then stale: its one call is refused, and the update is merged on
+    top of the stored version."""
+    with (
+        StateManager.open(url(path)) as first,
+        StateManager.open(url(path)) as second,
+    ):
+        first.create_execution("e", workflow_id="w")
+        assert second.update_state("e", {"variables": {"b": 1}}) == 2
+        assert first.update_state("e", {"variables": {"a": 1}}) == 3
+        stats = first.stats()
+        assert (stats["conflicts"], stats["merges"], stats["conflicts_resolved"]) == (1, 1, 1)
+        assert first.get_state("e").variables == {"a": 1, "b": 1}
+    with StateManager.open(url(path)) as reopened:
+        state = reopened.get_state("e")
+        assert (state.version, state.variables) == (3, {"a": 1, "b": 1})

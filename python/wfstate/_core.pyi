@@ -261,6 +261,15 @@ class SqliteWriter:
         self,
         items: Sequence[tuple[VersionRecord, bytes | None, tuple[str, int] | None]],
     ) -> list[tuple[list[int], tuple[Any, ...]]]: ...
+    def apply(
+        self,
+        core: Core,
+        tracker: SnapshotTracker,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        expected_version: int | None = None,
+        actor: str | None = None,
+    ) -> tuple[int, tuple[Any, ...] | None]: ...
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
     ) -> tuple[list[tuple[str, tuple[Any, ...]]], list[int]]: ...

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, NoReturn, Self
 
 from wfstate import _core
 from wfstate._core import EventCursor, PreparedUpdate, WorkflowState
@@ -55,6 +55,7 @@ from wfstate.errors import (
     LeaseLostError,
     NotFoundError,
     ValidationError,
+    WfstateError,
 )
 from wfstate.store import Store, open_store
 from wfstate.store.base import NewerVersionsConflict, WriteItem
@@ -430,12 +431,17 @@ class StateManager:
         outcomes = self._committer.commit(items)
         for outcome, one in zip(outcomes, prepared, strict=True):
             if outcome is not None:
-                if isinstance(outcome, ConflictError):
-                    self._catch_up(one.execution_id, outcome)
-                elif isinstance(outcome, LeaseLostError):
-                    self._count("leases_lost")
-                raise outcome
+                self._refused(one.execution_id, outcome)
             self._core.publish(one, persisted=True)
+
+    def _refused(self, execution_id: str, refusal: WfstateError) -> NoReturn:
+        """Raise the store's refusal of a sync write, memory first caught up with
+        the version that won (a conflict) or the lease counted lost."""
+        if isinstance(refusal, ConflictError):
+            self._catch_up(execution_id, refusal)
+        elif isinstance(refusal, LeaseLostError):
+            self._count("leases_lost")
+        raise refusal
 
     def _count(self, counter: str, amount: int = 1) -> None:
         with self._counter_lock:
@@ -584,11 +590,21 @@ class StateManager:
             if self._flusher is not None:
                 # Critical update in async mode: everything before it goes first.
                 self._flusher.flush(timeout=30.0, report=False)
-            for _attempt in range(_REBASE_ATTEMPTS):
-                prepared, merged = self._prepare(execution_id, update, expected_version, actor)
-                conflicts += merged
+            for attempt in range(_REBASE_ATTEMPTS):
+                one_call = None
+                if attempt == 0 and lease is None:
+                    one_call = self._write_update(execution_id, update, expected_version, actor)
+                if one_call is None:
+                    prepared, merged = self._prepare(execution_id, update, expected_version, actor)
+                    conflicts += merged
                 try:
-                    self._commit([prepared], lease)
+                    if one_call is None:
+                        self._commit([prepared], lease)
+                        version = prepared.version
+                    else:
+                        version, refusal = one_call
+                        if refusal is not None:
+                            self._refused(execution_id, refusal)
                 except ConflictError as conflict:
                     # Another process wrote first; memory now holds its version (or
                     # a later one). The conflict may name the version as of the
@@ -611,8 +627,29 @@ class StateManager:
                     continue
                 if conflicts:
                     self._count("conflicts_resolved", conflicts)
-                return prepared.version
+                return version
             raise ConflictError(execution_id, prepared.base_version, core.get(execution_id).version)
+
+    def _write_update(
+        self,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        expected_version: int | None,
+        actor: str | None,
+    ) -> tuple[int, WfstateError | None] | None:
+        """The store's sync path of one update in one call (``Store.write_update``):
+        (version, None) once stored and published, (base version, refusal), or None,
+        with nothing done, when the store has no such path or this process's copy
+        may be stale (not in memory, or an error a newer stored version could
+        explain): ``_prepare`` then brings the copy up to date first."""
+        assert self._store is not None
+        assert self._tracker is not None
+        try:
+            return self._store.write_update(
+                self._core, self._tracker, execution_id, update, expected_version, actor
+            )
+        except (NotFoundError, ConflictError, InvalidTransitionError):
+            return None
 
     def _prepare(
         self,

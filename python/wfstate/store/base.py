@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from wfstate._core import EventCursor, RecordBatch, SnapshotTracker, VersionRecord
+from wfstate._core import Core, EventCursor, RecordBatch, SnapshotTracker, VersionRecord
 from wfstate._lease import LeaseGrant
+from wfstate._model import StateUpdate
 from wfstate.errors import ConflictError, StoreUnavailableError, WfstateError
 
 __all__ = [
@@ -131,6 +132,18 @@ class GroupedByManager:
         keep_going: float = 0.0,
     ) -> PendingWrite | None:
         """None: the flusher calls ``read_batch``, ``decide_chain`` and ``write_batch``."""
+        return None
+
+    def write_update(
+        self,
+        core: Core,
+        tracker: SnapshotTracker,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        expected_version: int | None,
+        actor: str | None,
+    ) -> tuple[int, WfstateError | None] | None:
+        """None: the manager prepares, writes and publishes one step at a time."""
         return None
 
 
@@ -293,6 +306,30 @@ class Store(Protocol):
         after its first read: each such batch's snapshot sizes go to ``tracker``, it
         is taken off the cursor (``commit()``) and counted in
         ``PendingWrite.earlier``; the last batch is returned as above.
+        """
+        ...
+
+    def write_update(
+        self,
+        core: Core,
+        tracker: SnapshotTracker,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        expected_version: int | None,
+        actor: str | None,
+    ) -> tuple[int, WfstateError | None] | None:
+        """The sync path of one update without a lease in one call, or None, with
+        nothing done, when the store has none (the manager then prepares the update
+        with ``core.prepare``, decides its snapshot, writes it with ``write`` and
+        publishes it, each a call of its own).
+
+        Prepares the update on ``core`` as ``Core.prepare`` does (raising what that
+        raises, with nothing written), decides its snapshot with ``tracker`` as
+        ``snapshot_for`` does, writes it as ``write`` would, and publishes it on
+        ``core`` once stored. Returns ``(new version, None)``, or ``(base version,
+        refusal)`` when the store refused it, the refusal as ``write`` reports it;
+        nothing is then published. Raises ``StoreUnavailableError`` when the write
+        failed: nothing is stored and nothing published.
         """
         ...
 

@@ -57,6 +57,7 @@ from typing import Any, Final, Literal, TypeVar
 from wfstate import _core
 from wfstate._core import EventCursor, RecordBatch, SnapshotTracker
 from wfstate._lease import from_micros, now_us
+from wfstate._model import StateUpdate
 from wfstate.errors import (
     AlreadyExistsError,
     ClosedError,
@@ -835,6 +836,34 @@ class SQLiteStore:
             return PendingWrite(batch, chains, snapshot, None, None, earlier)
         written = (_native_refusals(refused, chains), sizes)
         return PendingWrite(batch, chains, snapshot, written, None, earlier)
+
+    def write_update(
+        self,
+        core: _core.Core,
+        tracker: _core.SnapshotTracker,
+        execution_id: str,
+        update: StateUpdate | Mapping[str, Any],
+        expected_version: int | None,
+        actor: str | None,
+    ) -> tuple[int, WfstateError | None] | None:
+        """With the native writer, the sync path of one update in one call
+        (``SqliteWriter.apply``: the snapshot decision and the write without the
+        GIL, in the group); else None."""
+        native = self._native
+        if native is None:
+            return None
+        self._check_usable()
+        try:
+            version, refusal = native.apply(
+                core, tracker, execution_id, update, expected_version, actor
+            )
+        except sqlite3.Error as e:
+            raise self._unavailable("writing", e) from e
+        except RuntimeError as e:
+            raise self._closed_meanwhile(native, e) from e
+        if refusal is None:
+            return version, None
+        return version, _native_refusal(execution_id, version, refusal)
 
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
