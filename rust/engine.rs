@@ -341,6 +341,23 @@ impl Engine {
         self.publish_locked(&mut current, prepared, persisted)
     }
 
+    /// Publish a version the store has stored already (so `persisted`). When
+    /// memory moved on since `prepared` was made (another thread reloaded the
+    /// execution), memory is brought to the stored version instead, if it is
+    /// behind it, as `refresh` (or `install`) would: the store holds the version,
+    /// so memory must not stay without it.
+    pub fn publish_stored(&self, prepared: &Prepared) -> Result<u64, CoreError> {
+        match self.publish(prepared, true) {
+            Err(CoreError::Conflict { .. }) => self
+                .refresh((*prepared.state).clone())
+                .map(|_| prepared.state.version),
+            Err(CoreError::NotFound(_)) => self
+                .install((*prepared.state).clone())
+                .map(|_| prepared.state.version),
+            other => other,
+        }
+    }
+
     /// Both phases under one lock: the in-memory write path.
     pub fn apply(
         &self,
@@ -478,6 +495,40 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::model::NodeStatus;
+
+    #[test]
+    fn a_stored_version_reaches_memory_that_moved_on_meanwhile() {
+        let engine = Engine::new(1 << 10).unwrap();
+        engine
+            .create("e".into(), "wf".into(), vec![], vec![], None, 0)
+            .unwrap();
+        let v1 = engine.get("e").unwrap();
+        engine
+            .apply("e", &counter_update(1), None, None, now_micros())
+            .unwrap();
+        // Prepared on version 2; memory is then reset to version 1 (a reload).
+        let third = engine
+            .prepare("e", &counter_update(2), None, None, now_micros())
+            .unwrap();
+        engine.replace((*v1).clone()).unwrap();
+        assert_eq!(engine.publish_stored(&third).unwrap(), 3);
+        assert_eq!(engine.get("e").unwrap().version, 3);
+        // Prepared on version 3; memory then moves past it: memory is kept.
+        let fourth = engine
+            .prepare("e", &counter_update(3), None, None, now_micros())
+            .unwrap();
+        let mut newer = (*engine.get("e").unwrap()).clone();
+        newer.version = 9;
+        engine.refresh(newer).unwrap();
+        assert_eq!(engine.publish_stored(&fourth).unwrap(), 4);
+        assert_eq!(engine.get("e").unwrap().version, 9);
+        // Nothing moved: an ordinary publish.
+        let fifth = engine
+            .prepare("e", &counter_update(4), None, None, now_micros())
+            .unwrap();
+        assert_eq!(engine.publish_stored(&fifth).unwrap(), 10);
+        assert_eq!(engine.get("e").unwrap().version, 10);
+    }
 
     fn counter_update(value: i64) -> Update {
         Update {

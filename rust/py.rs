@@ -744,6 +744,14 @@ impl PyCore {
         self.with_room(py, || self.engine.publish(prepared, persisted))
     }
 
+    /// Publish a version the store has stored already. When memory moved on
+    /// meanwhile (another thread reloaded the execution), memory is brought to
+    /// the stored version instead, if it is behind it (as `refresh` or `install`
+    /// would): the store holds the version, so memory must not stay without it.
+    pub(crate) fn publish_stored(&self, py: Python<'_>, prepared: &Prepared) -> PyResult<u64> {
+        self.with_room(py, || self.engine.publish_stored(prepared))
+    }
+
     /// Run `attempt` until the ring has room for its events (or give up).
     fn with_room<T>(
         &self,

@@ -1074,13 +1074,17 @@ impl PySqliteWriter {
     /// path on SQLite): prepare it on `core` as `Core.prepare` does, decide its
     /// snapshot with `tracker` as `snapshot_for` does, write it with the group as
     /// `write_items` does, and publish it on `core` once it is stored. The snapshot
-    /// and the write run without the GIL.
+    /// and the write run without the GIL. If memory moved on meanwhile (another
+    /// thread reloaded the execution), memory is brought to the stored version
+    /// instead, when it is behind it.
     ///
     /// Returns `(new version, None)`, or `(base version, refusal)` when the store
     /// refused it (a refusal as `write_items` gives them; nothing is published).
     /// Raises what `Core.prepare` raises (nothing written), the `sqlite3` module's
     /// error when the transaction failed (nothing stored, nothing published), and
-    /// `RuntimeError` once closed.
+    /// `RuntimeError` once closed. After the write, `BackpressureError` (the ring
+    /// full) or `ClosedError` leave the version stored and not published, as a
+    /// `write_items` followed by `Core.publish` would.
     #[pyo3(signature = (core, tracker, execution_id, update, expected_version = None, actor = None))]
     #[allow(clippy::too_many_arguments)]
     fn apply<'py>(
@@ -1108,7 +1112,7 @@ impl PySqliteWriter {
         });
         match outcome_to_py(py, outcome)?.pop() {
             None => {
-                core.publish_prepared(py, &prepared, true)?;
+                core.publish_stored(py, &prepared)?;
                 Ok((prepared.state.version, None))
             }
             Some((_, refusal)) => Ok((prepared.base_version, Some(refusal.into_py(py)?))),

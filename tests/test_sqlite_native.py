@@ -735,3 +735,79 @@ def test_a_stale_copy_is_merged_and_a_missing_one_loaded_on_the_one_call_path(
     with StateManager.open(url(path)) as reopened:
         state = reopened.get_state("e")
         assert (state.version, state.variables) == (3, {"a": 1, "b": 1})
+
+
+class _WriteCalled(Exception):
+    """Raised by a store's ``write`` that a test expects not to be called."""
+
+
+def test_a_plain_update_takes_the_one_call_path_and_a_leased_one_does_not(
+    path: Path, manager: StateManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager.create_execution("e", workflow_id="w")
+    store = manager._store
+    assert isinstance(store, SQLiteStore)
+
+    def write(items: object) -> None:
+        raise _WriteCalled
+
+    monkeypatch.setattr(store, "write", write)
+    assert manager.update_state("e", {"variables": {"a": 1}}) == 2
+    lease = manager.acquire("e", owner="worker")
+    with pytest.raises(_WriteCalled):
+        manager.update_state("e", {"variables": {"a": 2}}, lease=lease)
+    assert manager.get_state("e").version == 2
+
+
+def test_a_critical_update_in_async_mode_takes_the_one_call_path_after_the_others(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write-behind versions first (the fused step), then the critical status change
+    in one call: the stored versions are contiguous and end with it."""
+    with StateManager.open(url(path), durability="async", flush_interval=0.05) as manager:
+        manager.create_execution("e", workflow_id="w")
+        store = manager._store
+        assert isinstance(store, SQLiteStore)
+
+        def write(items: object) -> None:
+            raise _WriteCalled
+
+        monkeypatch.setattr(store, "write", write)
+        for value in range(50):
+            manager.update_state("e", {"variables": {"a": value}})
+        assert manager.update_state("e", {"status": "suspended"}) == 52
+        versions = [version for version, _, _, _ in store.read_deltas("e")]
+        assert versions == list(range(1, 53))
+    with StateManager.open(url(path)) as reopened:
+        state = reopened.get_state("e")
+        assert (state.version, state.status, state.variables) == (52, "suspended", {"a": 49})
+
+
+def test_the_one_call_path_stores_the_snapshots_the_step_by_step_path_does(
+    tmp_path: Path, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same updates through the native writer (one call) and through the sqlite3
+    module (step by step), with a snapshot every 3 versions and at a final status."""
+    policy = SnapshotPolicy(every_versions=3)
+    stored: list[list[int]] = []
+    for target, native in ((path, True), (tmp_path / "sqlite3.db", False)):
+        monkeypatch.setenv(NATIVE_WRITER_ENV, "1" if native else "0")
+        with StateManager.open(url(target), snapshot_policy=policy) as manager:
+            assert isinstance(manager._store, SQLiteStore)
+            assert manager._store.native_writer is native
+            manager.create_execution("e", workflow_id="w")
+            for value in range(10):
+                manager.update_state("e", {"variables": {"a": value}})
+            manager.update_state("e", {"status": "completed"})
+        with contextlib.closing(sqlite3.connect(target)) as connection:
+            stored.append(
+                [
+                    version
+                    for (version,) in connection.execute(
+                        "SELECT version FROM wfstate_snapshots ORDER BY version"
+                    )
+                ]
+            )
+    assert stored[0] == stored[1]
+    assert stored[0][-1] == 12
+    assert len(stored[0]) >= 4

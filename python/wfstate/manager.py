@@ -586,6 +586,7 @@ class StateManager:
     ) -> int:
         core = self._core
         conflicts = 0
+        base = 0
         with self._stripe(execution_id):
             if self._flusher is not None:
                 # Critical update in async mode: everything before it goes first.
@@ -597,6 +598,7 @@ class StateManager:
                 if one_call is None:
                     prepared, merged = self._prepare(execution_id, update, expected_version, actor)
                     conflicts += merged
+                    base = prepared.base_version
                 try:
                     if one_call is None:
                         self._commit([prepared], lease)
@@ -628,7 +630,7 @@ class StateManager:
                 if conflicts:
                     self._count("conflicts_resolved", conflicts)
                 return version
-            raise ConflictError(execution_id, prepared.base_version, core.get(execution_id).version)
+            raise ConflictError(execution_id, base, core.get(execution_id).version)
 
     def _write_update(
         self,
@@ -639,9 +641,10 @@ class StateManager:
     ) -> tuple[int, WfstateError | None] | None:
         """The store's sync path of one update in one call (``Store.write_update``):
         (version, None) once stored and published, (base version, refusal), or None,
-        with nothing done, when the store has no such path or this process's copy
-        may be stale (not in memory, or an error a newer stored version could
-        explain): ``_prepare`` then brings the copy up to date first."""
+        with nothing done, when the store has no such path or the preparation
+        raised ``NotFoundError``, ``ConflictError`` or ``InvalidTransitionError``:
+        ``_prepare`` then checks whether this process's copy is stale and brings it
+        up to date first."""
         assert self._store is not None
         assert self._tracker is not None
         try:

@@ -326,10 +326,14 @@ class Store(Protocol):
         Prepares the update on ``core`` as ``Core.prepare`` does (raising what that
         raises, with nothing written), decides its snapshot with ``tracker`` as
         ``snapshot_for`` does, writes it as ``write`` would, and publishes it on
-        ``core`` once stored. Returns ``(new version, None)``, or ``(base version,
-        refusal)`` when the store refused it, the refusal as ``write`` reports it;
-        nothing is then published. Raises ``StoreUnavailableError`` when the write
-        failed: nothing is stored and nothing published.
+        ``core`` once stored; if memory moved on meanwhile (another thread reloaded
+        the execution), memory is brought to the stored version instead, when it is
+        behind it. Returns ``(new version, None)``, or ``(base version, refusal)``
+        when the store refused it, the refusal as ``write`` reports it; nothing is
+        then published. Raises ``StoreUnavailableError`` when the write failed:
+        nothing is stored and nothing published. ``BackpressureError`` (the ring
+        full) and ``ClosedError`` after the write leave the version stored and not
+        published, as ``write`` followed by ``Core.publish`` would.
         """
         ...
 
