@@ -741,10 +741,9 @@ class _WriteCalled(Exception):
     """Raised by a store's ``write`` that a test expects not to be called."""
 
 
-def test_a_plain_update_takes_the_one_call_path_and_a_leased_one_does_not(
-    path: Path, manager: StateManager, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    manager.create_execution("e", workflow_id="w")
+def forbid_write(manager: StateManager, monkeypatch: pytest.MonkeyPatch) -> SQLiteStore:
+    """The manager's store, whose ``write`` (the step-by-step sync path) now raises
+    ``_WriteCalled``."""
     store = manager._store
     assert isinstance(store, SQLiteStore)
 
@@ -752,6 +751,14 @@ def test_a_plain_update_takes_the_one_call_path_and_a_leased_one_does_not(
         raise _WriteCalled
 
     monkeypatch.setattr(store, "write", write)
+    return store
+
+
+def test_a_plain_update_takes_the_one_call_path_and_a_leased_one_does_not(
+    path: Path, manager: StateManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager.create_execution("e", workflow_id="w")
+    forbid_write(manager, monkeypatch)
     assert manager.update_state("e", {"variables": {"a": 1}}) == 2
     lease = manager.acquire("e", owner="worker")
     with pytest.raises(_WriteCalled):
@@ -766,13 +773,7 @@ def test_a_critical_update_in_async_mode_takes_the_one_call_path_after_the_other
     in one call: the stored versions are contiguous and end with it."""
     with StateManager.open(url(path), durability="async", flush_interval=0.05) as manager:
         manager.create_execution("e", workflow_id="w")
-        store = manager._store
-        assert isinstance(store, SQLiteStore)
-
-        def write(items: object) -> None:
-            raise _WriteCalled
-
-        monkeypatch.setattr(store, "write", write)
+        store = forbid_write(manager, monkeypatch)
         for value in range(50):
             manager.update_state("e", {"variables": {"a": value}})
         assert manager.update_state("e", {"status": "suspended"}) == 52
