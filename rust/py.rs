@@ -734,16 +734,6 @@ impl PyCore {
             .prepare(execution_id, &update, expected_version, actor, now_micros())?)
     }
 
-    /// `publish`'s work (waiting for room in the ring as it does).
-    pub(crate) fn publish_prepared(
-        &self,
-        py: Python<'_>,
-        prepared: &Prepared,
-        persisted: bool,
-    ) -> PyResult<u64> {
-        self.with_room(py, || self.engine.publish(prepared, persisted))
-    }
-
     /// Publish a version the store has stored already. When memory moved on
     /// meanwhile (another thread reloaded the execution), memory is brought to
     /// the stored version instead, if it is behind it (as `refresh` or `install`
@@ -1047,7 +1037,7 @@ impl PyCore {
         prepared: &PyPreparedUpdate,
         persisted: bool,
     ) -> PyResult<u64> {
-        self.publish_prepared(py, &prepared.prepared, persisted)
+        self.with_room(py, || self.engine.publish(&prepared.prepared, persisted))
     }
 
     #[pyo3(signature = (execution_id, workflow_id, variables = None, context = None, actor = None))]

@@ -758,6 +758,15 @@ class SQLiteStore:
                         outcomes[position] = refusal
         return outcomes
 
+    def _native_failure(
+        self, native: _core.SqliteWriter, error: sqlite3.Error | RuntimeError
+    ) -> Exception:
+        """What a native writer's write error becomes: ``StoreUnavailableError`` for
+        the ``sqlite3`` module's error, else as ``_closed_meanwhile`` says."""
+        if isinstance(error, sqlite3.Error):
+            return self._unavailable("writing", error)
+        return self._closed_meanwhile(native, error)
+
     def _closed_meanwhile(self, native: _core.SqliteWriter, error: RuntimeError) -> Exception:
         """``ClosedError`` when ``error`` says the native writer was closed (by
         ``close()`` after this call checked), else ``error`` itself."""
@@ -774,10 +783,8 @@ class SQLiteStore:
             return outcomes
         try:
             refused = native.write_items([(i.record, i.snapshot, i.lease) for i in items])
-        except sqlite3.Error as e:
-            raise self._unavailable("writing", e) from e
-        except RuntimeError as e:
-            raise self._closed_meanwhile(native, e) from e
+        except (sqlite3.Error, RuntimeError) as e:
+            raise self._native_failure(native, e) from e
         for positions, refusal in refused:
             record = items[positions[0]].record
             error = _native_refusal(record.execution_id, record.base_version, refusal)
@@ -857,10 +864,8 @@ class SQLiteStore:
             version, refusal = native.apply(
                 core, tracker, execution_id, update, expected_version, actor
             )
-        except sqlite3.Error as e:
-            raise self._unavailable("writing", e) from e
-        except RuntimeError as e:
-            raise self._closed_meanwhile(native, e) from e
+        except (sqlite3.Error, RuntimeError) as e:
+            raise self._native_failure(native, e) from e
         if refusal is None:
             return version, None
         return version, _native_refusal(execution_id, version, refusal)
@@ -873,10 +878,8 @@ class SQLiteStore:
             self._check_usable()
             try:
                 refused, sizes = native.write_batch(batch, list(snapshot))
-            except sqlite3.Error as e:
-                raise self._unavailable("writing", e) from e
-            except RuntimeError as e:
-                raise self._closed_meanwhile(native, e) from e
+            except (sqlite3.Error, RuntimeError) as e:
+                raise self._native_failure(native, e) from e
             return (_native_refusals(refused, batch.chains()) if refused else {}), sizes
         # The rows come encoded from Rust (one call for the whole batch).
         rows, sizes = batch.sqlite_rows(snapshot)
