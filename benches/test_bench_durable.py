@@ -636,7 +636,10 @@ def _async(
         extra = _async_wfstate(benchmark, url)
     else:
         rounds = itertools.count()
-        make_rows = same_rows if contender in SAME_ROWS_CONTENDERS else _rows
+        make_rows = {
+            "raw_copy_same_rows": pg_same_rows,
+            "raw_executemany_same_rows": same_rows,
+        }.get(contender, _rows)
 
         def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
             return (make_rows(next(rounds)),), {}
@@ -663,32 +666,41 @@ _SAME_ROWS_COLUMNS: Final = (
 )
 
 
+def pg_same_rows(number: int) -> list[tuple[Any, ...]]:
+    """``same_rows`` as the values psycopg dumps for ``wfstate_deltas``' columns (the
+    time as a datetime, the node ids as a list), converted before the clock starts."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return [
+        (
+            execution_id,
+            version,
+            epoch + timedelta(microseconds=at_us),
+            actor,
+            mask,
+            json.loads(nodes),
+            data,
+            owner,
+            token,
+        )
+        for execution_id, version, at_us, actor, mask, nodes, data, owner, token in same_rows(
+            number
+        )
+    ]
+
+
 def pg_copy_same_rows(conn: PgConnection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Binary COPY of ``same_rows`` into wfstate's own ``wfstate_deltas``, in one
+    """Binary COPY of ``pg_same_rows`` into wfstate's own ``wfstate_deltas``, in one
     transaction, each value encoded by psycopg as the raw baseline's are."""
     statement = sql.SQL(
         "COPY wfstate_deltas (execution_id, version, recorded_at, actor, event_mask, node_ids,"
         " data, lease_owner, lease_token) FROM STDIN (FORMAT BINARY)"
     )
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
     with conn.transaction(), conn.cursor() as cursor, cursor.copy(statement) as copy:
         copy.set_types(
             ["text", "int8", "timestamptz", "text", "int4", "text[]", "bytea", "text", "int8"]
         )
-        for execution_id, version, at_us, actor, mask, nodes, data, owner, token in rows:
-            copy.write_row(
-                (
-                    execution_id,
-                    version,
-                    epoch + timedelta(microseconds=at_us),
-                    actor,
-                    mask,
-                    json.loads(nodes),
-                    data,
-                    owner,
-                    token,
-                )
-            )
+        for row in rows:
+            copy.write_row(row)
 
 
 @pytest.mark.parametrize("contender", ["wfstate", "raw_copy", "raw_copy_same_rows"])
