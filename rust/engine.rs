@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::errors::CoreError;
 use crate::model::{self, EventDraft, ExecStatus, State, Update};
-use crate::ring::{Event, HistoryFilter, PendingEvent, Ring, VersionLookup};
+use crate::ring::{Event, HistoryFilter, PendingEvent, Reservation, Ring, VersionLookup};
 
 /// The current time in microseconds since the Unix epoch.
 pub fn now_micros() -> i64 {
@@ -80,6 +80,8 @@ pub struct Prepared {
     pub state: Arc<State>,
     pub events: Vec<PendingEvent>,
     pub actor: Option<Arc<str>>,
+    /// The ring room its events will take, when it was reserved (`Engine::reserve`).
+    pub reservation: Option<Arc<Reservation>>,
 }
 
 impl Prepared {
@@ -95,6 +97,7 @@ impl Prepared {
             state: Arc::new(state),
             events: encode(drafts),
             actor,
+            reservation: None,
         }
     }
 }
@@ -290,12 +293,24 @@ impl Engine {
         Self::prepare_on(&current, update, expected_version, actor, now)
     }
 
+    /// Keep ring room for `prepared`'s events until it is published (or dropped):
+    /// for a write a store commits in between, so that its publication cannot then
+    /// fail for want of room. `RingFull` when the room is not there now.
+    pub fn reserve(&self, prepared: &mut Prepared) -> Result<(), CoreError> {
+        if prepared.reservation.is_none() {
+            let reservation = self.ring.reserve(prepared.events.len())?;
+            prepared.reservation = Some(Arc::new(reservation));
+        }
+        Ok(())
+    }
+
     fn append(&self, prepared: &Prepared, persisted: bool) -> Result<u64, CoreError> {
         self.ring.append(
             &prepared.state,
             &prepared.actor,
             &prepared.events,
             persisted,
+            prepared.reservation.as_deref(),
         )
     }
 

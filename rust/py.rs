@@ -404,6 +404,9 @@ pub(crate) fn version_record(prepared: &Prepared) -> PyVersionRecord {
 }
 
 /// An update checked and computed, not yet visible. Publish it with `Core.publish`.
+///
+/// It keeps ring room for its events until published; `release()` gives the room
+/// back when it will not be.
 #[pyclass(frozen, module = "wfstate._core", name = "PreparedUpdate")]
 pub struct PyPreparedUpdate {
     prepared: Prepared,
@@ -436,6 +439,15 @@ impl PyPreparedUpdate {
     /// What a store writes for this version.
     fn record(&self) -> PyVersionRecord {
         version_record(&self.prepared)
+    }
+
+    /// Give back the ring room kept for this version's events, when it will not be
+    /// published (its write failed or was refused). Idempotent; dropping the object
+    /// does the same.
+    fn release(&self) {
+        if let Some(reservation) = &self.prepared.reservation {
+            reservation.release();
+        }
     }
 
     /// The events the update will record; their `seq` is 0 until published.
@@ -729,9 +741,18 @@ impl PyCore {
         let execution_id = id_str(execution_id, "execution_id")?;
         let (update, expected_version, actor) =
             self.update_args(py, execution_id, update, expected_version, actor)?;
-        Ok(self
-            .engine
-            .prepare(execution_id, &update, expected_version, actor, now_micros())?)
+        let prepared =
+            self.engine
+                .prepare(execution_id, &update, expected_version, actor, now_micros())?;
+        self.reserved(py, prepared)
+    }
+
+    /// `prepared` with its ring room reserved, waiting for room as a publish would
+    /// (`on_ring_full`): a store may commit it before it is published, and then
+    /// the publish must not fail for want of room.
+    fn reserved(&self, py: Python<'_>, mut prepared: Prepared) -> PyResult<Prepared> {
+        self.with_room(py, || self.engine.reserve(&mut prepared))?;
+        Ok(prepared)
     }
 
     /// Publish a version the store has stored already. When memory moved on
@@ -1043,6 +1064,7 @@ impl PyCore {
     #[pyo3(signature = (execution_id, workflow_id, variables = None, context = None, actor = None))]
     fn prepare_create(
         &self,
+        py: Python<'_>,
         execution_id: Option<&Bound<'_, PyAny>>,
         workflow_id: &Bound<'_, PyAny>,
         variables: Option<&Bound<'_, PyAny>>,
@@ -1059,12 +1081,14 @@ impl PyCore {
             actor,
             now_micros(),
         )?;
+        let prepared = self.reserved(py, prepared)?;
         Ok(PyPreparedUpdate { prepared })
     }
 
     #[pyo3(signature = (source, new_execution_id = None, actor = None))]
     fn prepare_fork(
         &self,
+        py: Python<'_>,
         source: &PyWorkflowState,
         new_execution_id: Option<&Bound<'_, PyAny>>,
         actor: Option<&Bound<'_, PyAny>>,
@@ -1074,12 +1098,14 @@ impl PyCore {
         let prepared =
             self.engine
                 .prepare_fork(&source.state, execution_id, actor, now_micros())?;
+        let prepared = self.reserved(py, prepared)?;
         Ok(PyPreparedUpdate { prepared })
     }
 
     #[pyo3(signature = (execution_id, forked_version, new_execution_id, actor = None))]
     fn prepare_fork_link(
         &self,
+        py: Python<'_>,
         execution_id: &Bound<'_, PyAny>,
         forked_version: u64,
         new_execution_id: &Bound<'_, PyAny>,
@@ -1095,6 +1121,7 @@ impl PyCore {
             actor,
             now_micros(),
         )?;
+        let prepared = self.reserved(py, prepared)?;
         Ok(PyPreparedUpdate { prepared })
     }
 

@@ -10,10 +10,17 @@
 //! cannot make room, `append` reports `RingFull` and writes nothing; the caller
 //! waits (`wait_for_room`, without holding the GIL) or fails.
 //!
+//! A write that a store commits between its preparation and its publication
+//! reserves its events' room first (`reserve`): once the store holds the version,
+//! its append cannot fail for want of room, so memory never stays behind the store.
+//! Every other append leaves the reserved room free.
+//!
 //! Lock order: callers may hold an execution's slot lock or a map shard lock when
 //! they call into the ring; the ring never calls out while holding its lock.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -87,6 +94,39 @@ struct Inner {
     cursors: HashMap<u64, CursorPos>,
     next_cursor_id: u64,
     closed: bool,
+    /// Room promised to `Reservation`s not yet used or dropped.
+    reserved: usize,
+}
+
+/// Room for a number of events, kept free for one append (see the module docs).
+/// Dropping it unused gives the room back.
+pub struct Reservation {
+    ring: Arc<Ring>,
+    count: AtomicUsize,
+}
+
+impl Reservation {
+    /// Give the room back now (a write that will not be published); idempotent.
+    pub fn release(&self) {
+        let count = self.count.swap(0, Ordering::AcqRel);
+        if count > 0 {
+            let mut inner = self.ring.inner.lock();
+            inner.reserved -= count;
+            self.ring.room.notify_all();
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Reservation({})", self.count.load(Ordering::Acquire))
+    }
 }
 
 /// What the ring knows of one past version of an execution.
@@ -156,6 +196,7 @@ impl Ring {
                 cursors: HashMap::new(),
                 next_cursor_id: 1,
                 closed: false,
+                reserved: 0,
             }),
             room: Condvar::new(),
             arrived: Condvar::new(),
@@ -167,31 +208,68 @@ impl Ring {
         self.capacity
     }
 
-    /// Append one version's events, all or nothing. Returns the first sequence number.
-    /// Append one version's events (the version and time are the state's), all or
-    /// nothing. Returns the first sequence number.
-    pub fn append(
-        &self,
-        state: &Arc<State>,
-        actor: &Option<Arc<str>>,
-        events: &[PendingEvent],
-        persisted: bool,
-    ) -> Result<u64, CoreError> {
-        let execution_id = &state.execution_id;
-        let (version, timestamp) = (state.version, state.updated_at);
-        let needed = events.len();
+    fn check_fits(&self, needed: usize) -> Result<(), CoreError> {
         if needed > self.capacity {
             return Err(CoreError::Validation(format!(
                 "the update records {needed} events, more than the ring holds ({})",
                 self.capacity
             )));
         }
+        Ok(())
+    }
+
+    /// Keep room for `needed` events until the returned reservation is used by
+    /// `append` or dropped; `RingFull` when the room is not there now.
+    pub fn reserve(self: &Arc<Self>, needed: usize) -> Result<Reservation, CoreError> {
+        self.check_fits(needed)?;
         let mut inner = self.inner.lock();
         if inner.closed {
             return Err(CoreError::Closed("the state manager is closed".into()));
         }
-        if !inner.make_room(needed, self.capacity) {
+        let wanted = inner.reserved + needed;
+        if !inner.make_room(wanted, self.capacity) {
             return Err(CoreError::RingFull { needed });
+        }
+        inner.reserved = wanted;
+        Ok(Reservation {
+            ring: self.clone(),
+            count: AtomicUsize::new(needed),
+        })
+    }
+
+    /// Append one version's events (the version and time are the state's), all or
+    /// nothing, into the room `reservation` kept (else into free room, leaving the
+    /// reserved room alone). Returns the first sequence number.
+    pub fn append(
+        &self,
+        state: &Arc<State>,
+        actor: &Option<Arc<str>>,
+        events: &[PendingEvent],
+        persisted: bool,
+        reservation: Option<&Reservation>,
+    ) -> Result<u64, CoreError> {
+        let execution_id = &state.execution_id;
+        let (version, timestamp) = (state.version, state.updated_at);
+        let needed = events.len();
+        self.check_fits(needed)?;
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Err(CoreError::Closed("the state manager is closed".into()));
+        }
+        // A reservation of this ring is used (its room handed back to the append)
+        // under the ring's lock, so no other append can take that room meanwhile.
+        let held = reservation
+            .filter(|r| std::ptr::eq(Arc::as_ptr(&r.ring), self))
+            .map_or(0, |r| r.count.load(Ordering::Acquire));
+        let others = inner.reserved - held;
+        if !inner.make_room(needed + others, self.capacity) {
+            return Err(CoreError::RingFull { needed });
+        }
+        if held > 0 {
+            if let Some(reservation) = reservation {
+                reservation.count.store(0, Ordering::Release);
+            }
+            inner.reserved = others;
         }
         let first = inner.first_seq + inner.slots.len() as u64;
         let inner = &mut *inner;
@@ -227,17 +305,22 @@ impl Ring {
             if inner.closed {
                 return false;
             }
-            if inner.make_room(needed, self.capacity) {
+            let wanted = needed + inner.reserved;
+            if inner.make_room(wanted, self.capacity) {
                 return true;
             }
             if self.room.wait_until(&mut inner, deadline).timed_out() {
-                return inner.make_room(needed, self.capacity);
+                let wanted = needed + inner.reserved;
+                return inner.make_room(wanted, self.capacity);
             }
         }
     }
 
+    /// Whether `needed` more events fit, beside the reserved room.
     pub fn has_room(&self, needed: usize) -> bool {
-        self.inner.lock().make_room(needed, self.capacity)
+        let mut inner = self.inner.lock();
+        let wanted = needed + inner.reserved;
+        inner.make_room(wanted, self.capacity)
     }
 
     /// The state right after `version` of `execution_id`, if the ring still holds it.
@@ -549,6 +632,7 @@ mod tests {
                 &None,
                 &one(EventKind::StatusChange),
                 false,
+                None,
             )
             .unwrap();
         }
@@ -585,10 +669,17 @@ mod tests {
                 &None,
                 &one(EventKind::StatusChange),
                 false,
+                None,
             )
             .unwrap();
         }
-        let full = ring.append(&state("e", 17), &None, &one(EventKind::StatusChange), false);
+        let full = ring.append(
+            &state("e", 17),
+            &None,
+            &one(EventKind::StatusChange),
+            false,
+            None,
+        );
         assert_eq!(full, Err(CoreError::RingFull { needed: 1 }));
         assert_eq!(ring.stats().len, 16);
         let events = ring.read(cursor, 4, None).unwrap();
@@ -615,6 +706,7 @@ mod tests {
                 &None,
                 &one(EventKind::StatusChange),
                 false,
+                None,
             )
             .unwrap();
         }
@@ -634,6 +726,7 @@ mod tests {
                 &None,
                 &one(EventKind::StatusChange),
                 false,
+                None,
             )
             .unwrap();
         }
@@ -648,5 +741,51 @@ mod tests {
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
         assert!(ring.wait_for_room(1, deadline));
         reader.join().unwrap();
+    }
+
+    #[test]
+    fn reserved_room_is_kept_for_its_append_and_given_back_when_dropped() {
+        let ring = Arc::new(Ring::new(16).unwrap());
+        let cursor = ring.open_cursor(true, false).unwrap();
+        let append = |version: u64, reservation: Option<&Reservation>| {
+            ring.append(
+                &state("e", version),
+                &None,
+                &one(EventKind::StatusChange),
+                false,
+                reservation,
+            )
+        };
+        for version in 1..=14 {
+            append(version, None).unwrap();
+        }
+        let first = ring.reserve(1).unwrap();
+        let second = ring.reserve(1).unwrap();
+        // 14 events and 2 reserved: the ring is full for everyone else.
+        assert_eq!(
+            ring.reserve(1).unwrap_err(),
+            CoreError::RingFull { needed: 1 }
+        );
+        assert_eq!(append(15, None), Err(CoreError::RingFull { needed: 1 }));
+        assert!(!ring.has_room(1));
+        // A reservation's own append goes in, and uses it up.
+        assert_eq!(append(15, Some(&first)), Ok(15));
+        assert_eq!(format!("{first:?}"), "Reservation(0)");
+        assert_eq!(append(16, None), Err(CoreError::RingFull { needed: 1 }));
+        // Dropped unused: its room is free again.
+        drop(second);
+        assert_eq!(append(16, None), Ok(16));
+        assert_eq!(ring.stats().len, 16);
+        // A used reservation gives nothing back twice.
+        drop(first);
+        assert!(!ring.has_room(1));
+        ring.read(cursor, 2, None).unwrap();
+        ring.commit(cursor, None).unwrap();
+        assert!(ring.has_room(2));
+        let third = ring.reserve(2).unwrap();
+        assert!(!ring.has_room(1));
+        third.release();
+        third.release();
+        assert!(ring.has_room(2));
     }
 }

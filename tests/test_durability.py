@@ -30,6 +30,7 @@ import wfstate.manager
 from durable_support import STORY, comparable_events, loaded, replayed, stored_versions
 from wfstate import (
     AlreadyExistsError,
+    BackpressureError,
     ClosedError,
     ConflictError,
     EventType,
@@ -45,7 +46,7 @@ from wfstate import (
     WfstateError,
     WorkflowState,
 )
-from wfstate._core import RecordBatch
+from wfstate._core import Core, RecordBatch
 from wfstate.store import Store, open_store
 from wfstate.store.base import GroupedByManager, LeaseGrant, LoadedExecution, WriteItem
 from wfstate.store.memory import MemoryStore
@@ -721,6 +722,109 @@ def test_async_critical_update_failure_changes_nothing_and_raises(stores: Stores
         assert state_and_history(manager, "e") == before
     stores.current.heal()
     assert manager.update_state("e", {"nodes": {"n": "failed"}}) == before[0].version + 1
+
+
+# -- a full ring ------------------------------------------------------------------------
+
+
+def fill_the_ring(manager: StateManager, execution_id: str) -> int:
+    """Update until ``BackpressureError``; return the last version acknowledged."""
+    acknowledged = manager.get_state(execution_id).version
+    for index in range(100):
+        try:
+            acknowledged = manager.update_state(execution_id, {"variables": {"i": index}})
+        except BackpressureError:
+            return acknowledged
+    raise AssertionError("no BackpressureError after 100 updates")
+
+
+def test_a_prepared_update_keeps_its_ring_room_until_published_or_released() -> None:
+    core = Core(ring_capacity=16, block_on_full=False)
+    core.publish(core.prepare_create("e", "wf"), persisted=False)
+    cursor = core.open_cursor(durable=True)
+    held = [core.prepare("e", {"variables": {"i": index}}) for index in range(16)]
+    with pytest.raises(BackpressureError):
+        core.prepare("e", {"variables": {"i": 16}})
+    with pytest.raises(BackpressureError):
+        core.apply("e", {"variables": {"i": 16}})
+    held[0].release()
+    held[0].release()  # once only
+    spare = core.prepare("e", {"variables": {"i": 16}})
+    with pytest.raises(BackpressureError):
+        core.prepare("e", {"variables": {"i": 17}})
+    # A publish takes the room its preparation kept, even with the ring full.
+    assert core.publish(held[1], persisted=False) == 2
+    del spare, held
+    assert core.apply("e", {"variables": {"i": 18}}) == 3
+    cursor.close()
+
+
+def test_a_full_ring_refuses_a_sync_write_before_the_store_takes_it(store_url: str) -> None:
+    """A durable reader that does not keep up fills the ring. With
+    ``on_ring_full="error"`` the next sync write fails before the store commits it
+    (its ring room is reserved first), so memory and the store stay at one version;
+    once the reader commits, writes go on."""
+    with StateManager.open(store_url, ring_capacity=16, on_ring_full="error") as manager:
+        store = manager._store
+        assert store is not None
+        manager.create_execution("e", workflow_id="wf")
+        cursor = manager.open_cursor(durable=True)
+        acknowledged = fill_the_ring(manager, "e")
+        assert 10 <= acknowledged <= 17
+        assert manager.get_state("e").version == acknowledged
+        assert stored_versions(store, "e") == list(range(1, acknowledged + 1))
+        # A creation and a fork are refused alike, before the store sees them.
+        with pytest.raises(BackpressureError):
+            manager.create_execution("f", workflow_id="wf")
+        assert store.load("f") is None
+        with pytest.raises(NotFoundError):
+            manager.get_state("f")
+        with pytest.raises(BackpressureError):
+            manager.fork("e", new_execution_id="g")
+        assert store.load("g") is None
+        assert stored_versions(store, "e") == list(range(1, acknowledged + 1))
+
+        events = cursor.read(100, timeout=0)
+        assert [event.version for event in events] == list(range(2, acknowledged + 1))
+        cursor.commit()
+        assert manager.update_state("e", {"variables": {"late": True}}) == acknowledged + 1
+        assert stored_versions(store, "e") == list(range(1, acknowledged + 2))
+        assert manager.get_state("e") == loaded(store, "e")
+        cursor.close()
+
+
+def test_a_write_waits_for_ring_room_before_the_store_takes_it(durable_store_url: str) -> None:
+    """``on_ring_full="block"``: a sync write waits for ring room before the store
+    commits it. One that times out left nothing in the store; one that gets room
+    is stored and published."""
+    with StateManager.open(
+        durable_store_url, ring_capacity=16, on_ring_full="block", ring_full_timeout=1.0
+    ) as manager:
+        store = manager._store
+        assert store is not None
+        manager.create_execution("e", workflow_id="wf")
+        cursor = manager.open_cursor(durable=True)
+        acknowledged = fill_the_ring(manager, "e")
+        assert stored_versions(store, "e") == list(range(1, acknowledged + 1))
+
+        while_waiting: list[list[int]] = []
+
+        def commit_later() -> None:
+            time.sleep(0.2)
+            while_waiting.append(stored_versions(store, "e"))
+            cursor.read(100, timeout=0)
+            cursor.commit()
+
+        reader = threading.Thread(target=commit_later)
+        reader.start()
+        try:
+            assert manager.update_state("e", {"variables": {"late": 0}}) == acknowledged + 1
+        finally:
+            reader.join()
+        assert while_waiting == [list(range(1, acknowledged + 1))]
+        assert stored_versions(store, "e") == list(range(1, acknowledged + 2))
+        assert manager.get_state("e") == loaded(store, "e")
+        cursor.close()
 
 
 # -- the write-behind -------------------------------------------------------------------

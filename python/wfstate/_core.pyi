@@ -126,7 +126,10 @@ class StateEvent:
 
 @final
 class PreparedUpdate:
-    """An update checked and computed, not yet visible. Publish it with ``Core.publish``."""
+    """An update checked and computed, not yet visible. Publish it with ``Core.publish``.
+
+    It keeps ring room for its events until published; ``release()`` gives the room
+    back when it will not be."""
 
     @property
     def execution_id(self) -> str: ...
@@ -139,6 +142,7 @@ class PreparedUpdate:
     @property
     def events(self) -> list[StateEvent]: ...
     def record(self) -> VersionRecord: ...
+    def release(self) -> None: ...
 
 @final
 class VersionRecord:

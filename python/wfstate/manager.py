@@ -141,7 +141,9 @@ class StateManager:
     reader (``open_cursor(durable=True)``, or the async write-behind) has not taken
     the oldest events yet and the ring is full, ``on_ring_full="block"`` waits up to
     ``ring_full_timeout`` seconds for room and ``on_ring_full="error"`` fails at once;
-    both raise ``BackpressureError`` without applying the update.
+    both raise ``BackpressureError`` without applying the update. A sync write to a
+    store waits for (or fails for want of) that room before the store commits it, so
+    a write the store took is always published.
     ``max_update_bytes`` bounds the JSON payload of one update or creation.
 
     Example::
@@ -428,11 +430,17 @@ class StateManager:
         for one in prepared:
             record = one.record()
             items.append(WriteItem(record, snapshot_for(record), held))
-        outcomes = self._committer.commit(items)
-        for outcome, one in zip(outcomes, prepared, strict=True):
-            if outcome is not None:
-                self._refused(one.execution_id, outcome)
-            self._core.publish(one, persisted=True)
+        try:
+            outcomes = self._committer.commit(items)
+            for outcome, one in zip(outcomes, prepared, strict=True):
+                if outcome is not None:
+                    self._refused(one.execution_id, outcome)
+                self._core.publish(one, persisted=True)
+        finally:
+            # The ring room kept for versions not published (a failed or refused
+            # write) goes back now, not when an exception's frames let go of them.
+            for one in prepared:
+                one.release()
 
     def _refused(self, execution_id: str, refusal: WfstateError) -> NoReturn:
         """Raise the store's refusal of a sync write, memory first caught up with

@@ -331,9 +331,11 @@ class Store(Protocol):
         behind it. Returns ``(new version, None)``, or ``(base version, refusal)``
         when the store refused it, the refusal as ``write`` reports it; nothing is
         then published. Raises ``StoreUnavailableError`` when the write failed:
-        nothing is stored and nothing published. ``BackpressureError`` (the ring
-        full) and ``ClosedError`` after the write leave the version stored and not
-        published, as ``write`` followed by ``Core.publish`` would.
+        nothing is stored and nothing published. The preparation reserves the
+        version's ring room as ``Core.prepare`` does (``BackpressureError`` then,
+        with nothing written, when there is none); ``ClosedError`` after the write
+        leaves the version stored and not published, as ``write`` followed by
+        ``Core.publish`` would.
         """
         ...
 
