@@ -36,7 +36,6 @@ from wfstate import StateManager
 
 from .test_bench_durable import (
     _SAME_ROWS_COLUMNS,
-    _SQLITE_INSERT,
     ASYNC_THREADS,
     ASYNC_UPDATES,
     _rows,
@@ -49,6 +48,7 @@ from .test_bench_durable import (
     same_rows,
     sqlite_connect,
     sqlite_create_rows_table,
+    sqlite_executemany,
     sqlite_url,
     wfstate_step,
 )
@@ -203,16 +203,7 @@ def _sqlite() -> None:
                 conn.execute("DELETE FROM wfstate_deltas")
 
             def raw() -> None:
-                recorded_at_us = time.time_ns() // 1000
-                conn.execute("BEGIN")
-                conn.executemany(
-                    _SQLITE_INSERT,
-                    (
-                        (execution, version, recorded_at_us, data)
-                        for version, _, execution, data in raw_rows
-                    ),
-                )
-                conn.execute("COMMIT")
+                sqlite_executemany(conn, raw_rows)
 
             def write() -> None:
                 conn.execute("BEGIN")

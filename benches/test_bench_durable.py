@@ -320,6 +320,18 @@ def sqlite_insert_step(conn: sqlite3.Connection, execution_id: str) -> Callable[
     return step
 
 
+def sqlite_executemany(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """The async SQLite baseline: ``_rows`` into ``raw_deltas`` by one ``executemany``
+    in one transaction, all rows stamped with one time."""
+    recorded_at_us = time.time_ns() // 1000
+    conn.execute("BEGIN")
+    conn.executemany(
+        _SQLITE_INSERT,
+        ((execution_id, version, recorded_at_us, data) for version, _, execution_id, data in rows),
+    )
+    conn.execute("COMMIT")
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
@@ -736,16 +748,7 @@ def test_async_sqlite(
     conn = sqlite_connect(path)
 
     def executemany(rows: list[tuple[Any, ...]]) -> None:
-        recorded_at_us = time.time_ns() // 1000
-        conn.execute("BEGIN")
-        conn.executemany(
-            _SQLITE_INSERT,
-            (
-                (execution_id, version, recorded_at_us, data)
-                for version, _, execution_id, data in rows
-            ),
-        )
-        conn.execute("COMMIT")
+        sqlite_executemany(conn, rows)
 
     def executemany_same_rows(rows: list[tuple[Any, ...]]) -> None:
         conn.execute("BEGIN")

@@ -13,7 +13,8 @@
 //! A write that a store commits between its preparation and its publication
 //! reserves its events' room first (`reserve`): once the store holds the version,
 //! its append cannot fail for want of room, so memory never stays behind the store.
-//! Every other append leaves the reserved room free.
+//! Every other append leaves the reserved room free. Reserved room counts only
+//! while a durable cursor is open: without one, eviction can always make room.
 //!
 //! Lock order: callers may hold an execution's slot lock or a map shard lock when
 //! they call into the ring; the ring never calls out while holding its lock.
@@ -108,9 +109,13 @@ pub struct Reservation {
 impl Reservation {
     /// Give the room back now (a write that will not be published); idempotent.
     pub fn release(&self) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        // Under the ring's lock, as `append` uses it: the two cannot both count it.
+        let mut inner = self.ring.inner.lock();
         let count = self.count.swap(0, Ordering::AcqRel);
         if count > 0 {
-            let mut inner = self.ring.inner.lock();
             inner.reserved -= count;
             self.ring.room.notify_all();
         }
@@ -219,21 +224,29 @@ impl Ring {
     }
 
     /// Keep room for `needed` events until the returned reservation is used by
-    /// `append` or dropped; `RingFull` when the room is not there now.
+    /// `append` or dropped; `RingFull` when the room is not there now. Only a
+    /// durable cursor can hold eviction back, so with none open nothing needs
+    /// keeping: the reservation is then empty, and reservations never add up to
+    /// more than the ring holds.
     pub fn reserve(self: &Arc<Self>, needed: usize) -> Result<Reservation, CoreError> {
         self.check_fits(needed)?;
         let mut inner = self.inner.lock();
         if inner.closed {
             return Err(CoreError::Closed("the state manager is closed".into()));
         }
-        let wanted = inner.reserved + needed;
-        if !inner.make_room(wanted, self.capacity) {
-            return Err(CoreError::RingFull { needed });
-        }
-        inner.reserved = wanted;
+        let count = if inner.has_durable_cursor() {
+            let wanted = inner.reserved + needed;
+            if !inner.make_room(wanted, self.capacity) {
+                return Err(CoreError::RingFull { needed });
+            }
+            inner.reserved = wanted;
+            needed
+        } else {
+            0
+        };
         Ok(Reservation {
             ring: self.clone(),
-            count: AtomicUsize::new(needed),
+            count: AtomicUsize::new(count),
         })
     }
 
@@ -262,7 +275,7 @@ impl Ring {
             .filter(|r| std::ptr::eq(Arc::as_ptr(&r.ring), self))
             .map_or(0, |r| r.count.load(Ordering::Acquire));
         let others = inner.reserved - held;
-        if !inner.make_room(needed + others, self.capacity) {
+        if !inner.make_room_beside(needed, others, self.capacity) {
             return Err(CoreError::RingFull { needed });
         }
         if held > 0 {
@@ -270,6 +283,7 @@ impl Ring {
                 reservation.count.store(0, Ordering::Release);
             }
             inner.reserved = others;
+            self.room.notify_all();
         }
         let first = inner.first_seq + inner.slots.len() as u64;
         let inner = &mut *inner;
@@ -305,13 +319,13 @@ impl Ring {
             if inner.closed {
                 return false;
             }
-            let wanted = needed + inner.reserved;
-            if inner.make_room(wanted, self.capacity) {
+            let reserved = inner.reserved;
+            if inner.make_room_beside(needed, reserved, self.capacity) {
                 return true;
             }
             if self.room.wait_until(&mut inner, deadline).timed_out() {
-                let wanted = needed + inner.reserved;
-                return inner.make_room(wanted, self.capacity);
+                let reserved = inner.reserved;
+                return inner.make_room_beside(needed, reserved, self.capacity);
             }
         }
     }
@@ -319,8 +333,8 @@ impl Ring {
     /// Whether `needed` more events fit, beside the reserved room.
     pub fn has_room(&self, needed: usize) -> bool {
         let mut inner = self.inner.lock();
-        let wanted = needed + inner.reserved;
-        inner.make_room(wanted, self.capacity)
+        let reserved = inner.reserved;
+        inner.make_room_beside(needed, reserved, self.capacity)
     }
 
     /// The state right after `version` of `execution_id`, if the ring still holds it.
@@ -571,8 +585,26 @@ impl Inner {
             .ok_or_else(|| CoreError::Closed("the event cursor is closed".into()))
     }
 
+    fn has_durable_cursor(&self) -> bool {
+        self.cursors.values().any(|c| c.durable)
+    }
+
+    /// `make_room` for `needed` events beside `reserved` room kept for others. The
+    /// reserved room counts only while a durable cursor is open: without one,
+    /// eviction can always make the room a reservation's append will need.
+    fn make_room_beside(&mut self, needed: usize, reserved: usize, capacity: usize) -> bool {
+        if self.has_durable_cursor() {
+            self.make_room(needed + reserved, capacity)
+        } else {
+            self.make_room(needed, capacity)
+        }
+    }
+
     /// Evict what may be evicted until `needed` more events fit; false if they can't.
     fn make_room(&mut self, needed: usize, capacity: usize) -> bool {
+        if needed > capacity {
+            return false;
+        }
         let excess = (self.slots.len() + needed).saturating_sub(capacity);
         if excess == 0 {
             return true;
@@ -787,5 +819,71 @@ mod tests {
         third.release();
         third.release();
         assert!(ring.has_room(2));
+    }
+
+    #[test]
+    fn reservations_count_only_while_a_durable_cursor_holds_eviction_back() {
+        let ring = Arc::new(Ring::new(16).unwrap());
+        let append = |version: u64, reservation: Option<&Reservation>| {
+            ring.append(
+                &state("e", version),
+                &None,
+                &one(EventKind::StatusChange),
+                false,
+                reservation,
+            )
+        };
+        // No durable cursor: eviction makes any room, so nothing is kept, however
+        // many writes are in flight.
+        let free: Vec<Reservation> = (0..40).map(|_| ring.reserve(1).unwrap()).collect();
+        for (index, reservation) in free.iter().enumerate() {
+            append(index as u64 + 1, Some(reservation)).unwrap();
+        }
+        assert!(ring.has_room(16));
+        // With one: reservations add up to the capacity at most, and never panic.
+        let cursor = ring.open_cursor(true, false).unwrap();
+        // (Keeping room evicts what the cursor does not hold: the 16 older events.)
+        let kept: Vec<Reservation> = (0..16).map(|_| ring.reserve(1).unwrap()).collect();
+        assert_eq!(ring.stats().len, 0);
+        assert_eq!(
+            ring.reserve(1).unwrap_err(),
+            CoreError::RingFull { needed: 1 }
+        );
+        assert_eq!(append(41, None), Err(CoreError::RingFull { needed: 1 }));
+        // Once it is closed, the kept room no longer stands in anyone's way.
+        ring.close_cursor(cursor);
+        assert_eq!(append(41, None), Ok(41));
+        assert_eq!(append(42, Some(&kept[0])), Ok(42));
+        drop(kept);
+        assert_eq!(ring.stats().len, 2);
+        assert!(ring.has_room(16));
+    }
+
+    #[test]
+    fn a_release_and_the_append_it_races_count_the_reservation_once() {
+        let ring = Arc::new(Ring::new(16).unwrap());
+        let cursor = ring.open_cursor(true, false).unwrap();
+        for round in 0..2_000u64 {
+            let reservation = Arc::new(ring.reserve(1).unwrap());
+            let releaser = {
+                let reservation = reservation.clone();
+                std::thread::spawn(move || reservation.release())
+            };
+            let appended = ring.append(
+                &state("e", round + 1),
+                &None,
+                &one(EventKind::StatusChange),
+                false,
+                Some(&reservation),
+            );
+            releaser.join().unwrap();
+            drop(reservation);
+            // Whichever won, nothing stays reserved.
+            assert_eq!(ring.inner.lock().reserved, 0, "round {round}");
+            if appended.is_ok() {
+                ring.read(cursor, 16, None).unwrap();
+                ring.commit(cursor, None).unwrap();
+            }
+        }
     }
 }

@@ -1082,9 +1082,10 @@ impl PySqliteWriter {
     /// refused it (a refusal as `write_items` gives them; nothing is published).
     /// Raises what `Core.prepare` raises (nothing written), the `sqlite3` module's
     /// error when the transaction failed (nothing stored, nothing published), and
-    /// `RuntimeError` once closed. After the write, `BackpressureError` (the ring
-    /// full) or `ClosedError` leave the version stored and not published, as a
-    /// `write_items` followed by `Core.publish` would.
+    /// `RuntimeError` once closed. The preparation reserves the version's ring room
+    /// (`BackpressureError` then, before anything is written, when there is none);
+    /// `ClosedError` after the write leaves the version stored and not published,
+    /// as a `write_items` followed by `Core.publish` would.
     #[pyo3(signature = (core, tracker, execution_id, update, expected_version = None, actor = None))]
     #[allow(clippy::too_many_arguments)]
     fn apply<'py>(

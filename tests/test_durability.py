@@ -770,7 +770,7 @@ def test_a_full_ring_refuses_a_sync_write_before_the_store_takes_it(store_url: s
         manager.create_execution("e", workflow_id="wf")
         cursor = manager.open_cursor(durable=True)
         acknowledged = fill_the_ring(manager, "e")
-        assert 10 <= acknowledged <= 17
+        assert acknowledged == 17  # the 16 versions after the cursor opened fill it
         assert manager.get_state("e").version == acknowledged
         assert stored_versions(store, "e") == list(range(1, acknowledged + 1))
         # A creation and a fork are refused alike, before the store sees them.
@@ -793,12 +793,40 @@ def test_a_full_ring_refuses_a_sync_write_before_the_store_takes_it(store_url: s
         cursor.close()
 
 
+def test_more_writes_in_flight_than_the_ring_holds(store_url: str) -> None:
+    """Without a durable cursor nothing holds eviction back: sync writes in flight,
+    however many, never wait for ring room, even in a ring smaller than their
+    number."""
+    threads, per_thread = 32, 5
+    with StateManager.open(store_url, ring_capacity=16, on_ring_full="error") as manager:
+        for index in range(threads):
+            manager.create_execution(f"e{index}", workflow_id="wf")
+        failures: list[BaseException] = []
+
+        def write(index: int) -> None:
+            try:
+                for step in range(per_thread):
+                    manager.update_state(f"e{index}", {"variables": {"step": step}})
+            except BaseException as error:
+                failures.append(error)
+
+        workers = [threading.Thread(target=write, args=(index,)) for index in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert failures == []
+        assert [manager.get_state(f"e{index}").version for index in range(threads)] == [
+            per_thread + 1
+        ] * threads
+
+
 def test_a_write_waits_for_ring_room_before_the_store_takes_it(durable_store_url: str) -> None:
     """``on_ring_full="block"``: a sync write waits for ring room before the store
     commits it. One that times out left nothing in the store; one that gets room
     is stored and published."""
     with StateManager.open(
-        durable_store_url, ring_capacity=16, on_ring_full="block", ring_full_timeout=1.0
+        durable_store_url, ring_capacity=16, on_ring_full="block", ring_full_timeout=2.0
     ) as manager:
         store = manager._store
         assert store is not None
@@ -816,11 +844,13 @@ def test_a_write_waits_for_ring_room_before_the_store_takes_it(durable_store_url
             cursor.commit()
 
         reader = threading.Thread(target=commit_later)
+        started = time.monotonic()
         reader.start()
         try:
             assert manager.update_state("e", {"variables": {"late": 0}}) == acknowledged + 1
         finally:
             reader.join()
+        assert time.monotonic() - started >= 0.15  # it waited for the reader
         assert while_waiting == [list(range(1, acknowledged + 1))]
         assert stored_versions(store, "e") == list(range(1, acknowledged + 2))
         assert manager.get_state("e") == loaded(store, "e")

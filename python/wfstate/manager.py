@@ -1005,21 +1005,25 @@ class StateManager:
         source = self.get_state(execution_id, version=version)
         core = self._core
         new = core.prepare_fork(source, new_execution_id, actor)
-        if self._store is None:
-            core.publish(new, persisted=False)
-            self._link_fork(execution_id, source.version, new.execution_id, actor)
-            return new.state
-        with self._stripe(execution_id):
-            if self._durability == "async":
-                self._check_not_stored(new.execution_id)
+        try:
+            if self._store is None:
                 core.publish(new, persisted=False)
                 self._link_fork(execution_id, source.version, new.execution_id, actor)
                 return new.state
-            # The new execution first: the store refuses an id it holds already, and
-            # its first event names the source, so a crash in between loses no link.
-            self._commit([new])
-            self._link_fork(execution_id, source.version, new.execution_id, actor)
-        return new.state
+            with self._stripe(execution_id):
+                if self._durability == "async":
+                    self._check_not_stored(new.execution_id)
+                    core.publish(new, persisted=False)
+                    self._link_fork(execution_id, source.version, new.execution_id, actor)
+                    return new.state
+                # The new execution first: the store refuses an id it holds already,
+                # and its first event names the source, so a crash in between loses
+                # no link.
+                self._commit([new])
+                self._link_fork(execution_id, source.version, new.execution_id, actor)
+            return new.state
+        finally:
+            new.release()  # its ring room, if it was not published
 
     def _link_fork(
         self, execution_id: str, forked_version: int, new_execution_id: str, actor: str | None
@@ -1036,6 +1040,8 @@ class StateManager:
                 return
             except ConflictError:
                 continue
+            finally:
+                link.release()
         raise ConflictError(execution_id, link.base_version, core.get(execution_id).version)
 
     # -- reads -------------------------------------------------------------------
