@@ -46,28 +46,36 @@ impl Policy {
 }
 
 /// The bookkeeping without Python, for the unit tests and the class below.
+#[derive(Debug, Default)]
+struct Books {
+    tracked: HashMap<String, Tracked>,
+    /// Per execution, the last sync decision's version and what was tracked before
+    /// it, for `undo` when that version's write fails.
+    before: HashMap<String, (u64, Option<Tracked>)>,
+}
+
 #[derive(Debug)]
 pub struct Tracker {
     policy: Policy,
-    tracked: Mutex<HashMap<String, Tracked>>,
+    books: Mutex<Books>,
 }
 
 impl Tracker {
     pub fn new(policy: Policy) -> Self {
         Tracker {
             policy,
-            tracked: Mutex::new(HashMap::new()),
+            books: Mutex::new(Books::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tracked>> {
-        // The map is consistent after every statement: a panic elsewhere poisons
+    fn lock(&self) -> std::sync::MutexGuard<'_, Books> {
+        // The books are consistent after every statement: a panic elsewhere poisons
         // nothing that matters.
-        self.tracked.lock().unwrap_or_else(|e| e.into_inner())
+        self.books.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn seed(&self, execution_id: &str, snapshot_version: u64, delta_bytes: u64, size: u64) {
-        self.lock().insert(
+        self.lock().tracked.insert(
             execution_id.to_owned(),
             Tracked {
                 snapshot_version,
@@ -79,8 +87,8 @@ impl Tracker {
 
     /// Versions another writer stored: (version, delta size) in version order.
     pub fn caught_up(&self, execution_id: &str, snapshot_version: u64, newer: &[(u64, u64)]) {
-        let mut tracked = self.lock();
-        let Some(entry) = tracked.get_mut(execution_id) else {
+        let mut books = self.lock();
+        let Some(entry) = books.tracked.get_mut(execution_id) else {
             return;
         };
         if snapshot_version > entry.snapshot_version {
@@ -96,7 +104,8 @@ impl Tracker {
     }
 
     /// Whether one sync version carries a snapshot. A creation (base 0), or an
-    /// execution not tracked yet, becomes the baseline and carries none.
+    /// execution not tracked yet, becomes the baseline and carries none. The
+    /// decision counts the version as stored; `undo` takes it back if it is not.
     pub fn decide(
         &self,
         execution_id: &str,
@@ -105,7 +114,12 @@ impl Tracker {
         final_status: bool,
         delta_size: u64,
     ) -> bool {
-        let mut tracked = self.lock();
+        let mut books = self.lock();
+        let before = books.tracked.get(execution_id).copied();
+        books
+            .before
+            .insert(execution_id.to_owned(), (version, before));
+        let tracked = &mut books.tracked;
         let entry = match tracked.get_mut(execution_id) {
             Some(entry) if base_version != 0 => entry,
             _ => {
@@ -140,7 +154,8 @@ impl Tracker {
         delta_bytes: u64,
         first_delta_bytes: u64,
     ) -> bool {
-        let mut tracked = self.lock();
+        let mut books = self.lock();
+        let tracked = &mut books.tracked;
         let entry = if base_version == 0 {
             // The creation's delta is the baseline (see `decide`).
             let entry = Tracked {
@@ -170,14 +185,31 @@ impl Tracker {
 
     /// The size of a snapshot just decided on: the weight of the next one.
     pub fn snapshotted(&self, execution_id: &str, size: u64) {
-        if let Some(entry) = self.lock().get_mut(execution_id) {
+        if let Some(entry) = self.lock().tracked.get_mut(execution_id) {
             entry.size = size;
         }
     }
 
+    /// Take back the last `decide` for `execution_id`, if it was for `version`: that
+    /// version's write failed or was refused, so neither its delta nor its snapshot
+    /// is stored, and the next version must be decided as this one was.
+    pub fn undo(&self, execution_id: &str, version: u64) {
+        let mut books = self.lock();
+        if !matches!(books.before.get(execution_id), Some((decided, _)) if *decided == version) {
+            return;
+        }
+        let Some((_, before)) = books.before.remove(execution_id) else {
+            return;
+        };
+        match before {
+            Some(entry) => books.tracked.insert(execution_id.to_owned(), entry),
+            None => books.tracked.remove(execution_id),
+        };
+    }
+
     #[cfg(test)]
     fn get(&self, execution_id: &str) -> Option<Tracked> {
-        self.lock().get(execution_id).copied()
+        self.lock().tracked.get(execution_id).copied()
     }
 }
 
@@ -328,6 +360,12 @@ impl PySnapshotTracker {
     fn snapshotted(&self, execution_id: &str, size: u64) {
         self.tracker.snapshotted(execution_id, size);
     }
+
+    /// Take back `snapshot_for`'s decision for version `version` of `execution_id`,
+    /// whose write failed or was refused (nothing of it is stored).
+    fn undo(&self, execution_id: &str, version: u64) {
+        self.tracker.undo(execution_id, version);
+    }
 }
 
 #[cfg(test)]
@@ -371,6 +409,33 @@ mod tests {
         assert!(!t.decide("e", 2, 3, false, 1));
         assert!(t.decide("e", 3, 4, false, 1));
         assert!(t.decide("e", 4, 5, true, 1));
+    }
+
+    #[test]
+    fn an_undone_decision_is_decided_again() {
+        let t = tracker(Some(3));
+        assert!(!t.decide("e", 0, 1, false, 1_000_000));
+        assert!(!t.decide("e", 1, 2, false, 1));
+        assert!(!t.decide("e", 2, 3, false, 1));
+        let before = t.get("e");
+        assert!(t.decide("e", 3, 4, false, 1));
+        t.snapshotted("e", 500);
+        // Version 4's write failed: the retry is decided as the first try was.
+        t.undo("e", 4);
+        assert_eq!(t.get("e"), before);
+        assert!(t.decide("e", 3, 4, false, 1));
+        // Only the last decision, and only for its own version, is taken back.
+        t.undo("e", 3);
+        assert_eq!(t.get("e").unwrap().snapshot_version, 4);
+        assert!(!t.decide("e", 4, 5, false, 1));
+        t.undo("e", 5);
+        t.undo("e", 5);
+        assert_eq!(t.get("e").unwrap().snapshot_version, 4);
+        assert_eq!(t.get("e").unwrap().delta_bytes, 0);
+        // An undone creation leaves the execution untracked.
+        assert!(!t.decide("f", 0, 1, false, 10));
+        t.undo("f", 1);
+        assert_eq!(t.get("f"), None);
     }
 
     #[test]

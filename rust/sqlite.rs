@@ -1072,8 +1072,9 @@ impl PySqliteWriter {
 
     /// The sync path of one update without a lease, in one call (the manager's hot
     /// path on SQLite): prepare it on `core` as `Core.prepare` does, decide its
-    /// snapshot with `tracker` as `snapshot_for` does, write it with the group as
-    /// `write_items` does, and publish it on `core` once it is stored. The snapshot
+    /// snapshot with `tracker` as `snapshot_for` does (taken back with `undo` when
+    /// the write fails or is refused), write it with the group as `write_items`
+    /// does, and publish it on `core` once it is stored. The snapshot
     /// and the write run without the GIL. If memory moved on meanwhile (another
     /// thread reloaded the execution), memory is brought to the stored version
     /// instead, when it is behind it.
@@ -1111,12 +1112,21 @@ impl PySqliteWriter {
             };
             self.commit(vec![Planned::new(&chain)], false)
         });
-        match outcome_to_py(py, outcome)?.pop() {
+        let undo = || {
+            tracker
+                .tracker()
+                .undo(&record.state.execution_id, record.state.version)
+        };
+        let refusals = outcome_to_py(py, outcome).inspect_err(|_| undo())?;
+        match refusals.into_iter().next() {
             None => {
                 core.publish_stored(py, &prepared)?;
                 Ok((prepared.state.version, None))
             }
-            Some((_, refusal)) => Ok((prepared.base_version, Some(refusal.into_py(py)?))),
+            Some((_, refusal)) => {
+                undo();
+                Ok((prepared.base_version, Some(refusal.into_py(py)?)))
+            }
         }
     }
 

@@ -724,6 +724,26 @@ def test_async_critical_update_failure_changes_nothing_and_raises(stores: Stores
     assert manager.update_state("e", {"nodes": {"n": "failed"}}) == before[0].version + 1
 
 
+@pytest.mark.parametrize("durability", ["sync"], indirect=True)
+def test_a_failed_sync_write_takes_back_its_snapshot_decision(stores: Stores) -> None:
+    """Every 2 versions from the creation: versions 3 and 5 are due a snapshot. The
+    first write of version 5 fails: the retry is decided again and stored with the
+    snapshot, not left to the next one due (7)."""
+    policy = SnapshotPolicy(every_versions=2, when_deltas_outweigh=False, at_final_status=False)
+    manager = stores.manager(snapshot_policy=policy)
+    manager.create_execution("e", workflow_id="wf")
+    for value in (1, 2, 3):
+        manager.update_state("e", {"variables": {"a": value}})
+    stores.current.fail_next_writes = 1
+    with pytest.raises(StoreUnavailableError):
+        manager.update_state("e", {"variables": {"a": 4}})
+    assert manager.update_state("e", {"variables": {"a": 4}}) == 5
+    with stores.direct() as store:
+        found = store.load("e")
+        assert found is not None
+        assert found.snapshot_version == 5
+
+
 # -- a full ring ------------------------------------------------------------------------
 
 

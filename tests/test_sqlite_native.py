@@ -715,6 +715,65 @@ def test_write_update_that_fails_changes_nothing(path: Path, one_call: OneCall) 
     assert stored_version(path) == 2
 
 
+#: Version 2 (the first the tracker sees) is the baseline; version 4 is due a snapshot.
+EVERY_TWO = SnapshotPolicy(every_versions=2, when_deltas_outweigh=False, at_final_status=False)
+
+
+def stored_snapshots(path: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        rows = connection.execute(
+            "SELECT version FROM wfstate_snapshots WHERE execution_id = 'e' ORDER BY version"
+        ).fetchall()
+    return [version for (version,) in rows]
+
+
+def test_a_failed_one_call_write_takes_back_its_snapshot_decision(
+    path: Path, one_call: OneCall
+) -> None:
+    """Version 4 is due a snapshot. Its first write fails: the retry is decided
+    again, so version 4 is stored with its snapshot (not the next one due later)."""
+    store, core, _ = one_call
+    tracker = snapshot_tracker(EVERY_TWO)
+    for value in (1, 2):
+        store.write_update(core, tracker, "e", {"variables": {"a": value}}, None, None)
+    with write_locked(path), pytest.raises(StoreUnavailableError):
+        store.write_update(core, tracker, "e", {"variables": {"a": 3}}, None, None)
+    assert store.write_update(core, tracker, "e", {"variables": {"a": 3}}, None, None) == (4, None)
+    assert stored_snapshots(path) == [4]
+
+
+def test_a_refused_one_call_write_takes_back_its_snapshot_decision(
+    path: Path, one_call: OneCall
+) -> None:
+    """Version 4, due a snapshot, is refused (another writer stored a version 4).
+    The decision is taken back: once this core has caught up, its next version (5)
+    is decided from the snapshot rule as it stood, and carries one."""
+    store, core, _ = one_call
+    tracker = snapshot_tracker(EVERY_TWO)
+    for value in (1, 2):
+        store.write_update(core, tracker, "e", {"variables": {"a": value}}, None, None)
+    other = _core.Core()
+    loaded = store.load("e")
+    assert loaded is not None
+    other.install(_core.rebuild("e", loaded.snapshot, loaded.deltas))
+    other_tracker = snapshot_tracker(
+        SnapshotPolicy(every_versions=None, when_deltas_outweigh=False)
+    )
+    assert store.write_update(other, other_tracker, "e", {"variables": {"b": 1}}, None, None) == (
+        4,
+        None,
+    )
+    outcome = store.write_update(core, tracker, "e", {"variables": {"a": 3}}, None, None)
+    assert outcome is not None
+    assert isinstance(outcome[1], ConflictError)
+    assert stored_snapshots(path) == []
+    loaded = store.load("e")
+    assert loaded is not None
+    core.refresh(_core.rebuild("e", loaded.snapshot, loaded.deltas))
+    assert store.write_update(core, tracker, "e", {"variables": {"a": 3}}, None, None) == (5, None)
+    assert stored_snapshots(path) == [5]
+
+
 def test_a_stale_copy_is_merged_and_a_missing_one_loaded_on_the_one_call_path(
     path: Path,
 ) -> None:

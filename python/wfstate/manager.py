@@ -430,10 +430,17 @@ class StateManager:
         for one in prepared:
             record = one.record()
             items.append(WriteItem(record, snapshot_for(record), held))
+        undo = self._tracker.undo
         try:
-            outcomes = self._committer.commit(items)
+            try:
+                outcomes = self._committer.commit(items)
+            except BaseException:
+                for one in prepared:  # nothing of them is stored
+                    undo(one.execution_id, one.version)
+                raise
             for outcome, one in zip(outcomes, prepared, strict=True):
                 if outcome is not None:
+                    undo(one.execution_id, one.version)
                     self._refused(one.execution_id, outcome)
                 self._core.publish(one, persisted=True)
         finally:

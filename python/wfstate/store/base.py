@@ -325,7 +325,8 @@ class Store(Protocol):
 
         Prepares the update on ``core`` as ``Core.prepare`` does (raising what that
         raises, with nothing written), decides its snapshot with ``tracker`` as
-        ``snapshot_for`` does, writes it as ``write`` would, and publishes it on
+        ``snapshot_for`` does (and takes the decision back with ``undo`` when the
+        write fails or is refused), writes it as ``write`` would, and publishes it on
         ``core`` once stored; if memory moved on meanwhile (another thread reloaded
         the execution), memory is brought to the stored version instead, when it is
         behind it. Returns ``(new version, None)``, or ``(base version, refusal)``
