@@ -13,8 +13,9 @@
 //! A write that a store commits between its preparation and its publication
 //! reserves its events' room first (`reserve`): once the store holds the version,
 //! its append cannot fail for want of room, so memory never stays behind the store.
-//! Every other append leaves the reserved room free. Reserved room counts only
-//! while a durable cursor is open: without one, eviction can always make room.
+//! Every other append leaves the reserved room free. The reserved room is bounded
+//! only while a durable cursor is open (without one, eviction can always make
+//! room); opening the first one makes room for the writes in flight.
 //!
 //! Lock order: callers may hold an execution's slot lock or a map shard lock when
 //! they call into the ring; the ring never calls out while holding its lock.
@@ -224,29 +225,27 @@ impl Ring {
     }
 
     /// Keep room for `needed` events until the returned reservation is used by
-    /// `append` or dropped; `RingFull` when the room is not there now. Only a
-    /// durable cursor can hold eviction back, so with none open nothing needs
-    /// keeping: the reservation is then empty, and reservations never add up to
-    /// more than the ring holds.
+    /// `append` or dropped; `RingFull` when the room is not there now.
+    ///
+    /// Only a durable cursor can hold eviction back. While one is open, the events
+    /// and the reserved room never exceed the capacity, so an append into its
+    /// reservation always fits. With none open, eviction can always make room: the
+    /// reservations are counted but not bounded, and opening the first durable
+    /// cursor makes room for them (`open_cursor`).
     pub fn reserve(self: &Arc<Self>, needed: usize) -> Result<Reservation, CoreError> {
         self.check_fits(needed)?;
         let mut inner = self.inner.lock();
         if inner.closed {
             return Err(CoreError::Closed("the state manager is closed".into()));
         }
-        let count = if inner.has_durable_cursor() {
-            let wanted = inner.reserved + needed;
-            if !inner.make_room(wanted, self.capacity) {
-                return Err(CoreError::RingFull { needed });
-            }
-            inner.reserved = wanted;
-            needed
-        } else {
-            0
-        };
+        let wanted = inner.reserved + needed;
+        if inner.has_durable_cursor() && !inner.make_room(wanted, self.capacity) {
+            return Err(CoreError::RingFull { needed });
+        }
+        inner.reserved = wanted;
         Ok(Reservation {
             ring: self.clone(),
-            count: AtomicUsize::new(count),
+            count: AtomicUsize::new(needed),
         })
     }
 
@@ -400,6 +399,18 @@ impl Ring {
         let mut inner = self.inner.lock();
         if inner.closed {
             return Err(CoreError::Closed("the state manager is closed".into()));
+        }
+        if durable && !inner.has_durable_cursor() {
+            // From now on eviction can be held back: first make the room the writes
+            // in flight have reserved (see `reserve`), while nothing holds it back.
+            let reserved = inner.reserved;
+            if !inner.make_room(reserved, self.capacity) {
+                return Err(CoreError::Backpressure(format!(
+                    "cannot open a durable cursor now: the writes in flight need room for \
+                     {reserved} events, more than the ring holds ({})",
+                    self.capacity
+                )));
+            }
         }
         let start = if from_oldest {
             inner.first_seq
@@ -833,8 +844,8 @@ mod tests {
                 reservation,
             )
         };
-        // No durable cursor: eviction makes any room, so nothing is kept, however
-        // many writes are in flight.
+        // No durable cursor: eviction makes any room, so reservations are not
+        // bounded, however many writes are in flight.
         let free: Vec<Reservation> = (0..40).map(|_| ring.reserve(1).unwrap()).collect();
         for (index, reservation) in free.iter().enumerate() {
             append(index as u64 + 1, Some(reservation)).unwrap();
@@ -857,6 +868,58 @@ mod tests {
         drop(kept);
         assert_eq!(ring.stats().len, 2);
         assert!(ring.has_room(16));
+    }
+
+    #[test]
+    fn a_durable_cursor_opened_while_writes_are_in_flight_leaves_them_their_room() {
+        let ring = Arc::new(Ring::new(16).unwrap());
+        let append = |version: u64, reservation: Option<&Reservation>| {
+            ring.append(
+                &state("e", version),
+                &None,
+                &one(EventKind::StatusChange),
+                false,
+                reservation,
+            )
+        };
+        // Prepared before any durable cursor: its room still counts once one opens.
+        let early = ring.reserve(1).unwrap();
+        let cursor = ring.open_cursor(true, false).unwrap();
+        for version in 1..=15 {
+            append(version, None).unwrap();
+        }
+        assert_eq!(append(16, None), Err(CoreError::RingFull { needed: 1 }));
+        assert_eq!(append(16, Some(&early)), Ok(16));
+        ring.close_cursor(cursor);
+
+        // Reserved under a cursor that then closed, the ring filled meanwhile, and a
+        // cursor reopened from the oldest event: the room is made before it pins.
+        let kept = {
+            let cursor = ring.open_cursor(true, false).unwrap();
+            let kept = ring.reserve(1).unwrap();
+            ring.close_cursor(cursor);
+            kept
+        };
+        for version in 17..=40 {
+            append(version, None).unwrap();
+        }
+        assert_eq!(ring.stats().len, 16);
+        let oldest = ring.open_cursor(true, true).unwrap();
+        assert_eq!(ring.stats().len, 15);
+        assert_eq!(append(41, None), Err(CoreError::RingFull { needed: 1 }));
+        assert_eq!(append(41, Some(&kept)), Ok(41));
+        ring.close_cursor(oldest);
+
+        // More in flight than the ring holds: no durable cursor can open until they
+        // are done, since it could not leave them their room.
+        let many: Vec<Reservation> = (0..17).map(|_| ring.reserve(1).unwrap()).collect();
+        assert!(matches!(
+            ring.open_cursor(true, false),
+            Err(CoreError::Backpressure(_))
+        ));
+        assert!(ring.open_cursor(false, false).is_ok());
+        drop(many);
+        assert!(ring.open_cursor(true, false).is_ok());
     }
 
     #[test]

@@ -116,9 +116,14 @@ impl Tracker {
     ) -> bool {
         let mut books = self.lock();
         let before = books.tracked.get(execution_id).copied();
-        books
-            .before
-            .insert(execution_id.to_owned(), (version, before));
+        match books.before.get_mut(execution_id) {
+            Some(slot) => *slot = (version, before),
+            None => {
+                books
+                    .before
+                    .insert(execution_id.to_owned(), (version, before));
+            }
+        }
         let tracked = &mut books.tracked;
         let entry = match tracked.get_mut(execution_id) {
             Some(entry) if base_version != 0 => entry,

@@ -128,9 +128,9 @@ class StateEvent:
 class PreparedUpdate:
     """An update checked and computed, not yet visible. Publish it with ``Core.publish``.
 
-    While a durable cursor is open it keeps ring room for its events until published
-    (so ``Core.prepare*`` wait for room, or raise ``BackpressureError``, as a publish
-    would); ``release()`` gives the room back when it will not be published."""
+    It keeps ring room for its events until published (while a durable cursor is
+    open, ``Core.prepare*`` wait for that room, or raise ``BackpressureError``, as a
+    publish would); ``release()`` gives the room back when it will not be published."""
 
     @property
     def execution_id(self) -> str: ...

@@ -1223,6 +1223,9 @@ class StateManager:
         A durable cursor holds back eviction until it ``commit()``s; a live cursor
         never blocks writers and counts what it ``missed`` if it falls behind.
         ``from_oldest`` starts at the oldest event still held instead of the next one.
+        The first durable cursor first makes room for the sync writes in flight (the
+        room each keeps for its events); ``BackpressureError`` if they need more
+        than ``ring_capacity``.
         """
         return self._core.open_cursor(durable=durable, from_oldest=from_oldest)
 
