@@ -666,6 +666,21 @@ mod tests {
         }]
     }
 
+    /// One status-change event of `e` at `version`, into `reservation` if given.
+    fn append_one(
+        ring: &Ring,
+        version: u64,
+        reservation: Option<&Reservation>,
+    ) -> Result<u64, CoreError> {
+        ring.append(
+            &state("e", version),
+            &None,
+            &one(EventKind::StatusChange),
+            false,
+            reservation,
+        )
+    }
+
     #[test]
     fn evicts_oldest_without_durable_readers_and_answers_past_versions() {
         let ring = Ring::new(16).unwrap();
@@ -790,15 +805,7 @@ mod tests {
     fn reserved_room_is_kept_for_its_append_and_given_back_when_dropped() {
         let ring = Arc::new(Ring::new(16).unwrap());
         let cursor = ring.open_cursor(true, false).unwrap();
-        let append = |version: u64, reservation: Option<&Reservation>| {
-            ring.append(
-                &state("e", version),
-                &None,
-                &one(EventKind::StatusChange),
-                false,
-                reservation,
-            )
-        };
+        let append = |version, reservation| append_one(&ring, version, reservation);
         for version in 1..=14 {
             append(version, None).unwrap();
         }
@@ -833,17 +840,9 @@ mod tests {
     }
 
     #[test]
-    fn reservations_count_only_while_a_durable_cursor_holds_eviction_back() {
+    fn reservations_are_bounded_only_while_a_durable_cursor_holds_eviction_back() {
         let ring = Arc::new(Ring::new(16).unwrap());
-        let append = |version: u64, reservation: Option<&Reservation>| {
-            ring.append(
-                &state("e", version),
-                &None,
-                &one(EventKind::StatusChange),
-                false,
-                reservation,
-            )
-        };
+        let append = |version, reservation| append_one(&ring, version, reservation);
         // No durable cursor: eviction makes any room, so reservations are not
         // bounded, however many writes are in flight.
         let free: Vec<Reservation> = (0..40).map(|_| ring.reserve(1).unwrap()).collect();
@@ -873,15 +872,7 @@ mod tests {
     #[test]
     fn a_durable_cursor_opened_while_writes_are_in_flight_leaves_them_their_room() {
         let ring = Arc::new(Ring::new(16).unwrap());
-        let append = |version: u64, reservation: Option<&Reservation>| {
-            ring.append(
-                &state("e", version),
-                &None,
-                &one(EventKind::StatusChange),
-                false,
-                reservation,
-            )
-        };
+        let append = |version, reservation| append_one(&ring, version, reservation);
         // Prepared before any durable cursor: its room still counts once one opens.
         let early = ring.reserve(1).unwrap();
         let cursor = ring.open_cursor(true, false).unwrap();
