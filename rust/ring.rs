@@ -12,8 +12,9 @@
 //!
 //! A write that a store commits between its preparation and its publication
 //! reserves its events' room first (`reserve`): once the store holds the version,
-//! its append cannot fail for want of room, so memory never stays behind the store.
-//! Every other append leaves the reserved room free. The reserved room is bounded
+//! its append cannot fail for want of room, so a full ring never leaves memory
+//! behind the store. While a durable cursor is open, every other append leaves the
+//! reserved room free (without one, eviction makes it). The reserved room is bounded
 //! only while a durable cursor is open (without one, eviction can always make
 //! room); opening the first one makes room for the writes in flight.
 //!
@@ -100,7 +101,8 @@ struct Inner {
     reserved: usize,
 }
 
-/// Room for a number of events, kept free for one append (see the module docs).
+/// Room for a number of events, kept for one append while a durable cursor is open
+/// (see the module docs).
 /// Dropping it unused gives the room back.
 pub struct Reservation {
     ring: Arc<Ring>,
@@ -601,7 +603,7 @@ impl Inner {
     }
 
     /// `make_room` for `needed` events beside `reserved` room kept for others. The
-    /// reserved room counts only while a durable cursor is open: without one,
+    /// reserved room is kept free only while a durable cursor is open: without one,
     /// eviction can always make the room a reservation's append will need.
     fn make_room_beside(&mut self, needed: usize, reserved: usize, capacity: usize) -> bool {
         if self.has_durable_cursor() {

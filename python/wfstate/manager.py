@@ -143,7 +143,7 @@ class StateManager:
     ``ring_full_timeout`` seconds for room and ``on_ring_full="error"`` fails at once;
     both raise ``BackpressureError`` without applying the update. A sync write to a
     store waits for (or fails for want of) that room before the store commits it, so
-    a write the store took is always published.
+    a full ring never leaves a stored write unpublished.
     ``max_update_bytes`` bounds the JSON payload of one update or creation.
 
     Example::
@@ -435,7 +435,9 @@ class StateManager:
             try:
                 outcomes = self._committer.commit(items)
             except BaseException:
-                for one in prepared:  # nothing of them is stored
+                # Not known to be stored (an interrupt may come after the write):
+                # if it was, the next write catches up from the store.
+                for one in prepared:
                     undo(one.execution_id, one.version)
                 raise
             for outcome, one in zip(outcomes, prepared, strict=True):
