@@ -747,9 +747,6 @@ def test_async_sqlite(
         StateManager.open(sqlite_url(path)).close()  # wfstate's tables, empty
     conn = sqlite_connect(path)
 
-    def executemany(rows: list[tuple[Any, ...]]) -> None:
-        sqlite_executemany(conn, rows)
-
     def executemany_same_rows(rows: list[tuple[Any, ...]]) -> None:
         conn.execute("BEGIN")
         conn.executemany(
@@ -766,7 +763,11 @@ def test_async_sqlite(
             "durable_async_sqlite",
             contender,
             sqlite_url(path),
-            executemany_same_rows if contender == "raw_executemany_same_rows" else executemany,
+            (
+                executemany_same_rows
+                if contender == "raw_executemany_same_rows"
+                else functools.partial(sqlite_executemany, conn)
+            ),
         )
         if contender == "wfstate":
             _check_same_rows(conn)

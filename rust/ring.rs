@@ -275,16 +275,15 @@ impl Ring {
         let held = reservation
             .filter(|r| std::ptr::eq(Arc::as_ptr(&r.ring), self))
             .map_or(0, |r| r.count.load(Ordering::Acquire));
-        let others = inner.reserved - held;
-        if !inner.make_room_beside(needed, others, self.capacity) {
+        if !inner.make_room_beside(needed, held, self.capacity) {
             return Err(CoreError::RingFull { needed });
         }
         if held > 0 {
             if let Some(reservation) = reservation {
                 reservation.count.store(0, Ordering::Release);
             }
-            inner.reserved = others;
-            self.room.notify_all();
+            // Room changes hands (reserved to used): nobody waiting gains any.
+            inner.reserved -= held;
         }
         let first = inner.first_seq + inner.slots.len() as u64;
         let inner = &mut *inner;
@@ -320,13 +319,11 @@ impl Ring {
             if inner.closed {
                 return false;
             }
-            let reserved = inner.reserved;
-            if inner.make_room_beside(needed, reserved, self.capacity) {
+            if inner.make_room_beside(needed, 0, self.capacity) {
                 return true;
             }
             if self.room.wait_until(&mut inner, deadline).timed_out() {
-                let reserved = inner.reserved;
-                return inner.make_room_beside(needed, reserved, self.capacity);
+                return inner.make_room_beside(needed, 0, self.capacity);
             }
         }
     }
@@ -334,8 +331,7 @@ impl Ring {
     /// Whether `needed` more events fit, beside the reserved room.
     pub fn has_room(&self, needed: usize) -> bool {
         let mut inner = self.inner.lock();
-        let reserved = inner.reserved;
-        inner.make_room_beside(needed, reserved, self.capacity)
+        inner.make_room_beside(needed, 0, self.capacity)
     }
 
     /// The state right after `version` of `execution_id`, if the ring still holds it.
@@ -602,12 +598,15 @@ impl Inner {
         self.cursors.values().any(|c| c.durable)
     }
 
-    /// `make_room` for `needed` events beside `reserved` room kept for others. The
-    /// reserved room is kept free only while a durable cursor is open: without one,
-    /// eviction can always make the room a reservation's append will need.
-    fn make_room_beside(&mut self, needed: usize, reserved: usize, capacity: usize) -> bool {
-        if self.has_durable_cursor() {
-            self.make_room(needed + reserved, capacity)
+    /// `make_room` for `needed` events beside the room reserved for others (all
+    /// but the caller's own `held`). The reserved room is kept free only while a
+    /// durable cursor is open: without one, eviction can always make the room a
+    /// reservation's append will need. (No reservation out, the usual case: no
+    /// look at the cursors.)
+    fn make_room_beside(&mut self, needed: usize, held: usize, capacity: usize) -> bool {
+        let others = self.reserved - held;
+        if others > 0 && self.has_durable_cursor() {
+            self.make_room(needed + others, capacity)
         } else {
             self.make_room(needed, capacity)
         }

@@ -166,6 +166,7 @@ class StateManager:
         "_granted",
         "_lease_lock",
         "_leases",
+        "_one_call",
         "_recovered",
         "_store",
         "_stripes",
@@ -193,6 +194,9 @@ class StateManager:
         self._committer: GroupCommitter | None = None
         self._flusher: Flusher | None = None
         self._tracker: SnapshotTracker | None = None
+        #: The store may have a one-call sync path (``Store.write_update``); False
+        #: once it answered None: it has none, and is not asked again.
+        self._one_call = True
         self._critical: frozenset[str] = frozenset()
         self._critical_mask = 0
         self._recovered: list[str] = []
@@ -610,7 +614,7 @@ class StateManager:
                 self._flusher.flush(timeout=30.0, report=False)
             for attempt in range(_REBASE_ATTEMPTS):
                 one_call = None
-                if attempt == 0 and lease is None:
+                if attempt == 0 and lease is None and self._one_call:
                     one_call = self._write_update(execution_id, update, expected_version, actor)
                 if one_call is None:
                     prepared, merged = self._prepare(execution_id, update, expected_version, actor)
@@ -665,11 +669,14 @@ class StateManager:
         assert self._store is not None
         assert self._tracker is not None
         try:
-            return self._store.write_update(
+            written = self._store.write_update(
                 self._core, self._tracker, execution_id, update, expected_version, actor
             )
         except (NotFoundError, ConflictError, InvalidTransitionError):
             return None
+        if written is None:
+            self._one_call = False  # the store has no such path: stop asking
+        return written
 
     def _prepare(
         self,

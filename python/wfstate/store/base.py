@@ -321,7 +321,7 @@ class Store(Protocol):
         """The sync path of one update without a lease in one call, or None, with
         nothing done, when the store has none (the manager then prepares the update
         with ``core.prepare``, decides its snapshot, writes it with ``write`` and
-        publishes it, each a call of its own).
+        publishes it, each a call of its own, and does not ask this store again).
 
         Prepares the update on ``core`` as ``Core.prepare`` does (raising what that
         raises, with nothing written), decides its snapshot with ``tracker`` as
