@@ -365,6 +365,11 @@ pub struct PyRecordBatch {
 }
 
 impl PyRecordBatch {
+    /// How many executions the batch holds versions of.
+    pub(crate) fn chain_count(&self) -> usize {
+        self.chains.len()
+    }
+
     /// Versions left out (`skip_before`).
     pub(crate) fn dropped_count(&self) -> usize {
         self.dropped
@@ -648,7 +653,10 @@ impl PyRecordBatch {
 
     /// Every array of the PostgreSQL batch statement: (name, element count, bytes).
     /// A chain's snapshot (when due) is at its last version.
-    fn encode_pg(&self, snapshots: &[Option<Vec<u8>>]) -> Vec<(&'static str, usize, Vec<u8>)> {
+    pub(crate) fn encode_pg(
+        &self,
+        snapshots: &[Option<Vec<u8>>],
+    ) -> Vec<(&'static str, usize, Vec<u8>)> {
         let chains: Vec<ChainView<'_>> = self
             .sorted_chains()
             .into_iter()

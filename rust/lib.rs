@@ -3,7 +3,8 @@
 //! This file holds only the module definition; each concept has its own file:
 //! `model` (state, updates, transitions: pure Rust), `ring` (the event ring),
 //! `engine` (the state map and the two-phase write), `snapshots` (the snapshot
-//! policy's bookkeeping), `sqlite` (the SQLite store's native writer), `convert` (Python <-> Rust
+//! policy's bookkeeping), `sqlite` and `pg` (the stores' native writers), `pump` (the write-behind's
+//! step without the GIL), `convert` (Python <-> Rust
 //! values, with validation), `py` (the Python classes) and `errors`.
 
 pub mod batch;
@@ -12,6 +13,8 @@ pub mod convert;
 pub mod engine;
 pub mod errors;
 pub mod model;
+pub mod pg;
+pub mod pump;
 pub mod py;
 pub mod ring;
 pub mod snapshots;
@@ -28,6 +31,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod _core {
     #[pymodule_export]
     use crate::batch::{pg_write_parameters, sqlite_write_rows, PyRecordBatch};
+    #[pymodule_export]
+    use crate::pg::PyPgWriter;
     #[pymodule_export]
     use crate::py::{
         advance, bind_types, decode_data, decode_history, rebuild, PyCore, PyEventCursor,

@@ -27,9 +27,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::batch::{sqlite_chain_rows, ChainView, PyRecordBatch, RowKind, SqlValue, SyncItem};
-use crate::errors::CoreError;
+use crate::pump::{self, Source, Step, Written};
 use crate::py::{deadline_after, version_record, PyCore, PyEventCursor};
-use crate::snapshots::{is_final, PySnapshotTracker};
+use crate::snapshots::PySnapshotTracker;
 
 // -- the C API, from the loaded library --------------------------------------------
 
@@ -96,7 +96,7 @@ struct Api {
 /// # Safety
 /// `pointer` must point to a function of signature `F`.
 #[cfg(unix)]
-unsafe fn function_pointer<F: Copy>(pointer: *mut c_void) -> F {
+pub(crate) unsafe fn function_pointer<F: Copy>(pointer: *mut c_void) -> F {
     assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
     unsafe { std::mem::transmute_copy::<*mut c_void, F>(&pointer) }
 }
@@ -956,6 +956,13 @@ impl PySqliteWriter {
     }
 }
 
+/// A write-behind batch's write: stored whole when committed with no refusal.
+impl Written for (Result<Outcome, Closed>, Vec<usize>, Vec<String>) {
+    fn stored_whole(&self) -> Option<&[usize]> {
+        matches!(&self.0, Ok(Ok(refusals)) if refusals.is_empty()).then_some(&self.1[..])
+    }
+}
+
 /// A commit's result as Python sees it: the refusals, or the `sqlite3` module's
 /// error, or `RuntimeError` once closed.
 fn outcome_to_py(
@@ -1207,89 +1214,25 @@ impl PySqliteWriter {
         // Checked here; the window opens once the first batch is read.
         deadline_after(keep_going, "keep_going")?;
         let window = Duration::from_secs_f64(keep_going);
-        let cursor: &PyEventCursor = &cursor;
-        let tracker = tracker.tracker();
-        let (batch, chains, flags, written, earlier) = py.detach(|| -> Result<_, CoreError> {
-            let mut earlier = (0usize, 0usize, 0usize);
-            let mut deadline = first_deadline;
-            let mut until = None;
-            loop {
-                let before = cursor.position_of(id);
-                let batch = match cursor.batch_until(
-                    id,
-                    max_events,
-                    Some(deadline),
-                    skip_before.as_ref(),
-                ) {
-                    Ok(batch) => batch,
-                    // Closed by `stop()` after whole batches: report those.
-                    Err(CoreError::Closed(_)) if earlier.0 > 0 => {
-                        return Ok((
-                            PyRecordBatch::new(Vec::new(), 0),
-                            Vec::new(),
-                            Vec::new(),
-                            None,
-                            earlier,
-                        ));
-                    }
-                    Err(error) => return Err(error),
-                };
-                let until = *until.get_or_insert_with(|| Instant::now() + window);
-                // Full: the read stopped at `max_events` events (versions of several
-                // events, or stored already, count as the events they are).
-                let full = match (before, cursor.position_of(id)) {
-                    (Ok(before), Ok(after)) => after - before >= max_events as u64,
-                    _ => false,
-                };
-                let chains = batch.chains();
-                let flags: Vec<bool> = chains
-                    .iter()
-                    .map(|(id, base, last, status, bytes, first, _)| {
-                        tracker.decide_chain(
-                            id,
-                            *base,
-                            *last,
-                            is_final(status),
-                            *bytes as u64,
-                            *first as u64,
-                        )
-                    })
-                    .collect();
-                if batch.__len__() == 0 && !full {
-                    return Ok((batch, chains, flags, None, earlier));
-                }
-                let written = if batch.__len__() == 0 {
-                    None
-                } else {
-                    Some(self.write_record_batch(&batch, &flags))
-                };
-                let whole = match &written {
-                    None => true,
-                    Some((outcome, _, _)) => {
-                        matches!(outcome, Ok(Ok(refusals)) if refusals.is_empty())
-                    }
-                };
-                if !whole || !full || Instant::now() >= until {
-                    return Ok((batch, chains, flags, written, earlier));
-                }
-                // Stored whole and full: more may be waiting. Account for it as the
-                // flusher would, take it off the ring, and go on without waiting.
-                if let Some((_, sizes, _)) = &written {
-                    for (chain, size) in chains.iter().zip(sizes) {
-                        if *size > 0 {
-                            tracker.snapshotted(&chain.0, *size as u64);
-                        }
-                    }
-                }
-                if cursor.commit_read(id).is_err() {
-                    // Closed meanwhile: this batch is the step's last.
-                    return Ok((batch, chains, flags, written, earlier));
-                }
-                earlier.0 += usize::from(written.is_some());
-                earlier.1 += chains.iter().map(|chain| chain.6).sum::<usize>();
-                earlier.2 += batch.dropped_count();
-                deadline = Instant::now();
-            }
+        let source = Source {
+            cursor: &cursor,
+            id,
+            tracker: tracker.tracker(),
+            max_events,
+            first_deadline,
+            keep_going: window,
+            skip_before: skip_before.as_ref(),
+        };
+        let Step {
+            batch,
+            chains,
+            flags,
+            written,
+            earlier,
+        } = py.detach(|| {
+            pump::step(&source, |batch, flags| {
+                self.write_record_batch(batch, flags)
+            })
         })?;
         let none = || py.None().into_bound(py);
         let (refusals, sizes, error) = match written {

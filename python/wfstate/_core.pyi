@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar, final
+from typing import Any, Literal, TypeVar, final
 
 from wfstate._model import EventType, ExecutionStatus, NodeStatus, StateUpdate
 from wfstate.store.base import LoadedExecution
@@ -29,6 +29,7 @@ __all__ = [
     "Core",
     "EventCursor",
     "NodeState",
+    "PgWriter",
     "PreparedUpdate",
     "RecordBatch",
     "SnapshotTracker",
@@ -300,6 +301,38 @@ class SqliteWriter:
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
+
+@final
+class PgWriter:
+    """The PostgreSQL store's native write-behind: its batches written without the
+    GIL through the libpq psycopg uses (``ValueError`` when it cannot be reached)."""
+
+    def __new__(
+        cls,
+        module_path: str,
+        expected_version: int,
+        statements: dict[int, tuple[str, list[tuple[str, int]]]],
+        copy_statement: str,
+        copy_threshold: int,
+    ) -> PgWriter: ...
+    def pump(
+        self,
+        connection: int,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: dict[str, int] | None = None,
+        keep_going: float = 0.0,
+    ) -> tuple[
+        RecordBatch,
+        list[tuple[str, int, int, str, int, int, int]],
+        list[bool],
+        Literal["stored", "refused", "failed"] | None,
+        list[int] | None,
+        tuple[str, str | None] | None,
+        tuple[int, int, int],
+    ]: ...
 
 @final
 class SnapshotTracker:

@@ -6,8 +6,10 @@ their deltas and snapshots, so a sync update costs about one autocommit INSERT. 
 batch's statement depends only on which parts it needs (updates, creations,
 snapshots), never on its size: rows travel as arrays that ``unnest`` turns back into
 rows, so each shape is parsed and planned once per connection (psycopg prepares it);
-a batch of one item (the sync path) binds scalars instead. ``docs/storage.md`` gives
-the schema, the statements and the measurements behind them.
+a batch of one item (the sync path) binds scalars instead. The write-behind's batches
+are written by ``_core.PgWriter`` (the same statements, through libpq on a connection
+psycopg opened, without the GIL) where it can reach psycopg's libpq. ``docs/storage.md``
+gives the schema, the statements and the measurements behind them.
 
 This module must never build SQL from values: identifiers go through
 ``psycopg.sql.Identifier``, values are always bound parameters. It must never let a
@@ -17,15 +19,17 @@ its display URL (no password), raised only when nothing of the call was written.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import re
 import select
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, LiteralString, NamedTuple
+from typing import Any, Final, LiteralString, NamedTuple
 
 import psycopg
 from psycopg import postgres, pq, sql
@@ -37,7 +41,7 @@ from psycopg.types.numeric import Int8
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from wfstate import _core
-from wfstate._core import RecordBatch, VersionRecord
+from wfstate._core import EventCursor, RecordBatch, SnapshotTracker, VersionRecord
 from wfstate._lease import from_micros, now_us
 from wfstate.errors import (
     AlreadyExistsError,
@@ -56,11 +60,12 @@ from wfstate.store.base import (
     GroupedByManager,
     LeaseGrant,
     LoadedExecution,
+    PendingWrite,
     WriteItem,
     conflict_with,
 )
 
-__all__ = ["COPY_THRESHOLD", "PostgresStore"]
+__all__ = ["COPY_THRESHOLD", "NATIVE_WRITER_ENV", "PostgresStore"]
 
 _Connection = psycopg.Connection[TupleRow]
 
@@ -73,6 +78,10 @@ MIGRATION_LOCK_TIMEOUT_S = 60
 
 #: From this many versions on, a write-behind batch sends its deltas by COPY.
 COPY_THRESHOLD = 2_000
+
+#: Set to "0" to write the write-behind's batches through psycopg instead of the
+#: native writer.
+NATIVE_WRITER_ENV: Final = "WFSTATE_PG_NATIVE_WRITER"
 
 #: Every table the store owns, for ``storage_bytes``.
 _TABLES = (
@@ -404,6 +413,35 @@ def _fast_rows(result: pq.abc.PGresult) -> list[tuple[Any, ...]]:
     return rows
 
 
+#: A named parameter in a composed statement's text.
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+def _array_oid(name: str) -> int:
+    """The type of the batch statement's array parameter ``name`` (as ``_encoded``)."""
+    if name in _TEXT_ARRAYS:
+        return postgres.types["text"].array_oid
+    if name in _BYTEA_ARRAYS:
+        return postgres.types["bytea"].array_oid
+    return postgres.types["int8"].array_oid
+
+
+def _libpq_module() -> str | None:
+    """The file through which psycopg calls libpq (its wrapper extension, or the
+    library its ctypes wrapper loaded): the native writer resolves libpq from it, so
+    that it calls the copy psycopg's connections belong to. None if unknown."""
+    try:
+        if pq.__impl__ in ("binary", "c"):
+            name = "psycopg_binary.pq" if pq.__impl__ == "binary" else "psycopg_c.pq"
+            return getattr(importlib.import_module(name), "__file__", None)
+        from psycopg.pq import _pq_ctypes
+
+        library: str | None = getattr(getattr(_pq_ctypes, "pq", None), "_name", None)
+        return library
+    except (ImportError, AttributeError):  # pragma: no cover - another psycopg layout
+        return None
+
+
 class _WriteShape(NamedTuple):
     """What a write statement must do; one statement is composed per shape."""
 
@@ -512,7 +550,11 @@ class PostgresStore(GroupedByManager):
     ``conninfo`` is a libpq URL or key/value string; ``display`` the same without the
     password (it names the store in errors). ``connect_timeout`` bounds opening and
     every wait for a connection (libpq counts whole seconds, at least 2). ``schema``
-    holds the tables (created if missing).
+    holds the tables (created if missing). ``native_writer`` chooses how the
+    write-behind writes its batches: in Rust through the libpq psycopg uses, without
+    the GIL (``write_pending``), or through psycopg; None (default) takes the native
+    one unless ``$WFSTATE_PG_NATIVE_WRITER`` is ``0``. It is used only where that
+    libpq can be reached (``native_writer`` tells).
     """
 
     def __init__(
@@ -523,6 +565,7 @@ class PostgresStore(GroupedByManager):
         connect_timeout: float = 5.0,
         pool_size: int = 8,
         schema: str = "public",
+        native_writer: bool | None = None,
     ) -> None:
         if not (isinstance(connect_timeout, int | float) and 0 < connect_timeout < math.inf):
             raise ValidationError(
@@ -561,9 +604,12 @@ class PostgresStore(GroupedByManager):
         }
         # Migrate on a connection of our own first: its error says what is wrong (no
         # such database, role, host...), where the pool would only report a timeout.
+        if native_writer is None:
+            native_writer = os.environ.get(NATIVE_WRITER_ENV, "1") != "0"
         try:
             with psycopg.connect(conninfo, **settings) as conn:
                 self._migrate(conn)
+                self._native = self._open_native(conn) if native_writer else None
         except psycopg.Error as e:
             raise StoreUnavailableError(
                 f"cannot open the PostgreSQL store at {display}: {_reason(e)}", target=display
@@ -572,6 +618,9 @@ class PostgresStore(GroupedByManager):
         self._settings = settings
         self._writer: _Connection | None = None
         self._writer_lock = threading.Lock()
+        #: The native writer's connection (``write_pending``), the flusher's alone.
+        self._pump: _Connection | None = None
+        self._pump_lock = threading.Lock()
         #: Statements prepared on the writer connection by ``_execute_one``: name ->
         #: the parameters in ``$n`` order.
         self._fast_prepared: dict[bytes, list[tuple[str, int, int]]] = {}
@@ -653,6 +702,45 @@ class PostgresStore(GroupedByManager):
                 conn.execute(
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(migrations), (version,)
                 )
+
+    def _open_native(self, conn: _Connection) -> _core.PgWriter | None:
+        """The native write-behind writer (see ``write_pending``) with every batch
+        statement shape composed on ``conn``, or None where it cannot reach the libpq
+        psycopg uses."""
+        module = _libpq_module()
+        if module is None:
+            return None
+        statements: dict[int, tuple[str, list[tuple[str, int]]]] = {}
+        for key in range(16):
+            updates, creations, snapshots, copied = (bool(key & bit) for bit in (1, 2, 4, 8))
+            if not (updates or creations):
+                continue
+            shape = _WriteShape(False, updates, creations, snapshots, copied_deltas=copied)
+            names: list[str] = []
+
+            def number(match: re.Match[str], names: list[str] = names) -> str:
+                if match[1] not in names:
+                    names.append(match[1])
+                return f"${names.index(match[1]) + 1}"
+
+            text = _PLACEHOLDER.sub(number, self._write_statement(shape).as_string(conn))
+            statements[key] = (text, [(name, _array_oid(name)) for name in names])
+        try:
+            return _core.PgWriter(
+                module,
+                pq.version(),
+                statements,
+                self._copy_statement().as_string(conn),
+                COPY_THRESHOLD,
+            )
+        except ValueError:  # not the libpq psycopg calls, or not reachable
+            return None
+
+    @property
+    def native_writer(self) -> bool:
+        """Whether the write-behind's batches are written in Rust through libpq
+        (``_core.PgWriter``; see ``write_pending``)."""
+        return self._native is not None
 
     def _statement(
         self, key: object, conn: _Connection, build: Callable[[], sql.Composable]
@@ -1203,6 +1291,77 @@ class PostgresStore(GroupedByManager):
             for execution_id, refusal in stale.items()
         }
 
+    def write_pending(
+        self,
+        cursor: EventCursor,
+        tracker: SnapshotTracker,
+        max_events: int,
+        timeout: float,
+        skip_before: Mapping[str, int],
+        keep_going: float = 0.0,
+    ) -> PendingWrite | None:
+        """With the native writer, the write-behind's step in one release of the GIL
+        (``PgWriter.pump``: read, decide, write as ``write_batch`` does, on through
+        full batches for up to ``keep_going`` seconds) on a connection of its own;
+        else None.
+
+        Through psycopg a batch's round trips each take the GIL back, and with other
+        threads applying updates the flusher then stored next to nothing until they
+        stopped. A batch the statement refuses any chain of is rolled back and
+        returned unwritten: the flusher writes it with ``write_batch``, which reports
+        each refusal. None too when no connection can be made (``write_batch`` then
+        reports the failure and the flusher backs off).
+        """
+        native = self._native
+        if native is None:
+            return None
+        with self._pump_lock:
+            self._check_usable()
+            conn = self._pump_connection()
+            if conn is None:
+                return None
+            # Not in psycopg's PGconn protocol, but on each implementation's PGconn.
+            pointer: int | None = getattr(conn.pgconn, "pgconn_ptr", None)
+            if pointer is None:  # pragma: no cover - closed between check and use
+                return None
+            batch, chains, snapshot, outcome, sizes, error, earlier = native.pump(
+                pointer, cursor, tracker, max_events, timeout, dict(skip_before), keep_going
+            )
+            if outcome == "failed":
+                conn.close()
+                self._pump = None
+                assert error is not None  # a failed write carries its error
+                message, sqlstate = error
+                reason = message.splitlines()[0] if message else "the write failed"
+                if sqlstate:
+                    reason = f"{reason} (SQLSTATE {sqlstate})"
+                failure = StoreUnavailableError(
+                    f"writing failed at {self.url}: {reason}", target=self.url
+                )
+                return PendingWrite(batch, chains, snapshot, None, failure, earlier)
+        if outcome == "stored":
+            assert sizes is not None  # a stored batch carries its snapshot sizes
+            return PendingWrite(batch, chains, snapshot, ({}, sizes), None, earlier)
+        return PendingWrite(batch, chains, snapshot, None, None, earlier)
+
+    def _pump_connection(self) -> _Connection | None:
+        """The native writer's connection, checked as the pool checks its own and
+        replaced when dead; None when none can be made. Under ``_pump_lock``."""
+        conn = self._pump
+        if conn is not None:
+            try:
+                _check_idle(conn)
+            except psycopg.Error:
+                conn.close()
+                conn = self._pump = None
+        if conn is None:
+            try:
+                conn = psycopg.connect(self._conninfo, autocommit=True, **self._settings)
+            except psycopg.Error:
+                return None
+            self._pump = conn
+        return conn
+
     def write_batch(
         self, batch: RecordBatch, snapshot: Sequence[bool]
     ) -> tuple[dict[str, WfstateError], list[int]]:
@@ -1602,4 +1761,8 @@ class PostgresStore(GroupedByManager):
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+        with self._pump_lock:
+            if self._pump is not None:
+                self._pump.close()
+                self._pump = None
         self._pool.close()

@@ -1,0 +1,460 @@
+"""The PostgreSQL store's native write-behind (``_core.PgWriter``,
+``PostgresStore.write_pending``).
+
+The durability suite's write-behind goes through ``write_batch`` (its stores are
+wrapped to inject failures), which is psycopg's path; these tests cover what only
+the native step has: reaching psycopg's libpq, batches stored without the GIL with
+and without COPY, full batches gone on through, a batch with a refused chain rolled
+back and left to ``write_batch``, and a write that fails in the server (a lock
+timeout, a duplicate delta in COPY) or loses its connection, then is retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+import psycopg
+import pytest
+from psycopg import pq
+
+from wfstate import ConflictError, StateManager, StoreUnavailableError, _core
+from wfstate._durable import SnapshotPolicy, snapshot_tracker
+from wfstate.store.base import PendingWrite
+from wfstate.store.postgres import (
+    COPY_THRESHOLD,
+    NATIVE_WRITER_ENV,
+    PostgresStore,
+    _libpq_module,
+)
+
+THREADS = 8
+
+
+def open_native(url: str) -> PostgresStore:
+    store = PostgresStore(url, display="test")
+    if not store.native_writer:
+        store.close()
+        pytest.fail(f"the native writer cannot reach psycopg's libpq ({pq.__impl__})")
+    return store
+
+
+def test_the_native_writer_reaches_the_libpq_psycopg_uses(postgres_test_url: str) -> None:
+    """psycopg's libpq wrapper is found and its libpq is the version psycopg
+    reports: the store writes natively (on every psycopg implementation that loads
+    libpq as a shared library, as all three do)."""
+    module = _libpq_module()
+    assert module is not None
+    store = open_native(postgres_test_url)
+    store.close()
+
+
+def test_the_psycopg_path_can_be_chosen(
+    postgres_test_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = PostgresStore(postgres_test_url, display="test", native_writer=False)
+    store.close()
+    assert not store.native_writer
+    monkeypatch.setenv(NATIVE_WRITER_ENV, "0")
+    with StateManager.open(postgres_test_url, durability="async") as manager:
+        assert manager._store is not None
+        assert not manager._store.native_writer  # type: ignore[attr-defined]
+        manager.create_execution("e", workflow_id="w")
+        manager.update_state("e", {"variables": {"a": 1}})
+        manager.flush()
+        state = manager.get_state("e")
+    with StateManager.open(postgres_test_url) as reopened:
+        assert reopened.get_state("e") == state
+
+
+def test_a_libpq_of_another_version_is_refused() -> None:
+    """The libpq reached must be the one psycopg reports (the same copy)."""
+    module = _libpq_module()
+    assert module is not None
+    with pytest.raises(ValueError, match="version"):
+        _core.PgWriter(module, pq.version() + 1, {}, "COPY t FROM STDIN", COPY_THRESHOLD)
+
+
+def stored_rows(url: str) -> dict[str, Any]:
+    """Every execution's version, and the delta and snapshot counts."""
+    with psycopg.connect(url) as connection:
+        versions: dict[str, int] = dict(
+            connection.execute("SELECT execution_id, version FROM wfstate_executions").fetchall()
+        )
+        (deltas,) = connection.execute("SELECT count(*) FROM wfstate_deltas").fetchone() or (0,)
+        (snapshots,) = connection.execute("SELECT count(*) FROM wfstate_snapshots").fetchone() or (
+            0,
+        )
+    return {"versions": versions, "deltas": deltas, "snapshots": snapshots}
+
+
+@pytest.mark.parametrize("updates", [200, 1000], ids=["unnest", "copy"])
+def test_the_write_behind_stores_every_version_through_the_native_step(
+    postgres_test_url: str, monkeypatch: pytest.MonkeyPatch, updates: int
+) -> None:
+    """8 threads update their executions; every version is stored by native steps
+    (``write_batch`` is never called), and the store holds what memory holds. With 1,000 updates
+    a thread, batches reach ``COPY_THRESHOLD`` and their deltas go by COPY."""
+
+    def unused(*args: object) -> None:
+        raise AssertionError("write_batch is only for refusals and retries")
+
+    sizes: list[int] = []
+    write_pending = PostgresStore.write_pending
+
+    def spy(self: PostgresStore, *args: Any, **kwargs: Any) -> PendingWrite | None:
+        pending = write_pending(self, *args, **kwargs)
+        assert pending is not None
+        sizes.append(len(pending.batch))
+        return pending
+
+    # On the class: the flusher starts stepping as the manager opens.
+    monkeypatch.setattr(PostgresStore, "write_batch", unused)
+    monkeypatch.setattr(PostgresStore, "write_pending", spy)
+    with StateManager.open(
+        postgres_test_url, durability="async", flush_interval=0.05, max_batch=5000
+    ) as manager:
+        assert isinstance(manager._store, PostgresStore)
+        assert manager._store.native_writer
+        for index in range(THREADS):
+            manager.create_execution(f"e-{index}", workflow_id="w", variables={"count": 0})
+
+        def work(name: str) -> None:
+            for count in range(1, updates + 1):
+                manager.update_state(name, {"variables": {"count": count}})
+
+        threads = [threading.Thread(target=work, args=(f"e-{i}",)) for i in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        manager.flush()
+        stats = manager.stats()
+        assert stats["pending_events"] == 0
+        assert stats["flushed_versions"] == THREADS * (updates + 1)
+        expected = {f"e-{i}": manager.get_state(f"e-{i}") for i in range(THREADS)}
+    if updates == 1000:
+        assert max(sizes) >= COPY_THRESHOLD, "no batch took the COPY path"
+    else:
+        assert max(sizes) < COPY_THRESHOLD
+    assert stored_rows(postgres_test_url)["deltas"] == THREADS * (updates + 1)
+    with StateManager.open(postgres_test_url) as reopened:
+        for execution_id, state in expected.items():
+            assert reopened.get_state(execution_id) == state
+            assert state.variables["count"] == updates
+
+
+class FirstStep(NamedTuple):
+    cursor: _core.EventCursor
+    store: PostgresStore
+    tracker: _core.SnapshotTracker
+    #: The cursor's committed position before the first step.
+    start: int
+    #: The first step: 50 versions, no ``keep_going``, committed afterwards.
+    step: PendingWrite
+
+
+@contextlib.contextmanager
+def first_step_of_three(url: str) -> Iterator[FirstStep]:
+    """A durable cursor on a memory-only manager's ring holding 303 versions (e-0..e-2
+    created, 100 updates each of e-0 and e-1, alternating, then 100 of e-2), and a
+    store at ``url`` that one native step of 50 versions has written."""
+    with StateManager() as source:
+        cursor = source._core.open_cursor(durable=True)
+        for index in range(3):
+            source.create_execution(f"e-{index}", workflow_id="w", variables={"n": 0})
+        for n in range(1, 101):
+            for index in (0, 1):
+                source.update_state(f"e-{index}", {"variables": {"n": n}})
+        for n in range(1, 101):
+            source.update_state("e-2", {"variables": {"n": n}})
+        store = open_native(url)
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            start = cursor.committed
+            step = store.write_pending(cursor, tracker, 50, 0.0, {})
+            assert step is not None
+            assert step.written is not None
+            assert step.written[0] == {}
+            assert step.error is None
+            assert cursor.committed == start  # the step's own batch: the caller commits
+            # The connection is left as psycopg keeps it: non-blocking and idle.
+            assert store._pump is not None
+            assert store._pump.pgconn.nonblocking == 1
+            assert store._pump.info.transaction_status == pq.TransactionStatus.IDLE
+            cursor.commit()
+            yield FirstStep(cursor, store, tracker, start, step)
+        finally:
+            store.close()
+
+
+def test_a_native_step_goes_on_through_full_batches(postgres_test_url: str) -> None:
+    """With ``keep_going``, one step writes the full batches one after the other,
+    taking each off the cursor, and returns the last (partial) one as a step's."""
+    with first_step_of_three(postgres_test_url) as first:
+        assert (len(first.step.batch), first.step.earlier) == (50, (0, 0, 0))
+        cursor = first.cursor
+        pending = first.store.write_pending(cursor, first.tracker, 50, 0.0, {}, keep_going=60.0)
+        assert pending is not None
+        assert pending.earlier == (5, 250, 0)
+        assert len(pending.batch) == 3
+        assert pending.written is not None
+        assert pending.written[0] == {}
+        assert cursor.committed == first.start + 300
+        assert cursor.position == first.start + 303
+        assert first.store.current_versions(["e-0", "e-1", "e-2"]) == {
+            "e-0": 101,
+            "e-1": 101,
+            "e-2": 101,
+        }
+
+
+def test_a_batch_with_a_refused_chain_is_rolled_back_and_left_to_write_batch(
+    postgres_test_url: str,
+) -> None:
+    """Another writer stored e-2's version 2 first. The native step stores the whole
+    batches before the one holding e-2's, then rolls that one back whole and returns
+    it unwritten; ``write_batch`` then stores its other chains and reports e-2's
+    refusal."""
+    with first_step_of_three(postgres_test_url) as first:
+        with StateManager.open(postgres_test_url) as other:
+            assert other.update_state("e-2", {"variables": {"by": "other"}}) == 2
+        store = first.store
+        pending = store.write_pending(first.cursor, first.tracker, 50, 0.0, {}, keep_going=60.0)
+        assert pending is not None
+        assert pending.earlier == (3, 150, 0)
+        assert (pending.written, pending.error) == (None, None)
+        assert first.cursor.committed == first.start + 200
+        # Nothing of the refused batch is stored: e-0 and e-1 stay where the whole
+        # batches left them (200 of the ring's events: e-0 at 100, e-1 at 99).
+        assert store.current_versions(["e-0", "e-1", "e-2"]) == {
+            "e-0": 100,
+            "e-1": 99,
+            "e-2": 2,
+        }
+        assert sorted(chain[0] for chain in pending.chains) == ["e-0", "e-1", "e-2"]
+        refusals, _ = store.write_batch(pending.batch, pending.snapshot)
+        assert list(refusals) == ["e-2"]
+        assert isinstance(refusals["e-2"], ConflictError)
+        assert store.current_versions(["e-0", "e-1", "e-2"]) == {
+            "e-0": 101,
+            "e-1": 101,
+            "e-2": 2,
+        }
+        assert store._pump is not None
+        assert store._pump.info.transaction_status == pq.TransactionStatus.IDLE
+
+
+def test_a_batch_refused_in_part_is_stored_in_part_through_write_batch(
+    postgres_test_url: str,
+) -> None:
+    """One batch holds e-0's and e-1's versions, and e-1's were refused: the native
+    step rolls it back, ``write_batch`` stores e-0's and refuses e-1's."""
+    with StateManager() as source:
+        cursor = source._core.open_cursor(durable=True)
+        for index in range(2):
+            source.create_execution(f"e-{index}", workflow_id="w")
+        store = open_native(postgres_test_url)
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            created = store.write_pending(cursor, tracker, 10, 0.0, {})
+            assert created is not None
+            assert created.written == ({}, [0, 0])
+            cursor.commit()
+            with StateManager.open(postgres_test_url) as other:
+                other.update_state("e-1", {"variables": {"by": "other"}})
+            for n in range(5):
+                for index in range(2):
+                    source.update_state(f"e-{index}", {"variables": {"n": n}})
+            pending = store.write_pending(cursor, tracker, 100, 0.0, {})
+            assert pending is not None
+            assert (pending.written, pending.error) == (None, None)
+            assert store.current_versions(["e-0", "e-1"]) == {"e-0": 1, "e-1": 2}
+            refusals, _ = store.write_batch(pending.batch, pending.snapshot)
+            assert list(refusals) == ["e-1"]
+            assert store.current_versions(["e-0", "e-1"]) == {"e-0": 6, "e-1": 2}
+        finally:
+            store.close()
+
+
+def test_a_refused_write_behind_version_is_reported_by_flush(postgres_test_url: str) -> None:
+    """Through the manager: flush() raises ConflictError, memory goes back to the
+    stored state, and later versions are stored natively again."""
+    with (
+        StateManager.open(postgres_test_url, durability="sync") as other,
+        StateManager.open(postgres_test_url, durability="async", flush_interval=60) as manager,
+    ):
+        other.create_execution("e", workflow_id="w")
+        manager.get_state("e")  # loaded at version 1
+        other.update_state("e", {"variables": {"by": "other"}})
+        assert manager.update_state("e", {"variables": {"by": "async"}}) == 2
+        with pytest.raises(ConflictError):
+            manager.flush(timeout=10)
+        assert manager.stats()["refused_versions"] == 1
+        assert manager.get_state("e").variables == {"by": "other"}
+        assert manager.update_state("e", {"variables": {"then": "async"}}) == 3
+        manager.flush(timeout=10)
+    with StateManager.open(postgres_test_url) as reopened:
+        assert reopened.get_state("e").variables == {"by": "other", "then": "async"}
+
+
+def with_options(url: str, options: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}options={quote(options)}"
+
+
+@contextlib.contextmanager
+def row_locked(url: str, execution_id: str) -> Iterator[None]:
+    """Another session holds the execution's row lock until the block ends."""
+    with psycopg.connect(url) as connection:
+        connection.execute(
+            "SELECT 1 FROM wfstate_executions WHERE execution_id = %s FOR UPDATE",
+            (execution_id,),
+        )
+        yield
+        connection.rollback()
+
+
+def test_a_native_write_that_fails_in_the_server_stores_nothing_and_is_retried(
+    postgres_test_url: str,
+) -> None:
+    """The execution's row is locked by another session and the store's sessions
+    give up after 200 ms (``lock_timeout``): the native step fails with the server's
+    error and SQLSTATE, rolls back, stores nothing and drops its connection. Once
+    the lock is gone the same batch is stored by ``write_batch``, and the next
+    native step runs on a fresh connection."""
+    url = with_options(postgres_test_url, "-c lock_timeout=200")
+    with StateManager() as source:
+        cursor = source._core.open_cursor(durable=True)
+        source.create_execution("e", workflow_id="w")
+        store = open_native(url)
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            created = store.write_pending(cursor, tracker, 10, 0.0, {})
+            assert created is not None
+            assert created.written is not None
+            cursor.commit()
+            first_connection = store._pump
+            for n in range(20):
+                source.update_state("e", {"variables": {"n": n}})
+            with row_locked(postgres_test_url, "e"):
+                pending = store.write_pending(cursor, tracker, 100, 0.0, {})
+                assert pending is not None
+                assert pending.written is None
+                assert isinstance(pending.error, StoreUnavailableError)
+                assert "SQLSTATE 55P03" in str(pending.error)
+                assert "lock" in str(pending.error)
+                assert store._pump is None  # a failed connection is not used again
+                assert first_connection is not None
+                assert first_connection.closed
+                assert store.current_versions(["e"]) == {"e": 1}
+            refusals, _ = store.write_batch(pending.batch, pending.snapshot)
+            assert refusals == {}
+            cursor.commit()
+            assert store.current_versions(["e"]) == {"e": 21}
+            source.update_state("e", {"variables": {"n": "last"}})
+            last = store.write_pending(cursor, tracker, 100, 0.0, {})
+            assert last is not None
+            assert last.written is not None
+            assert store._pump is not None
+            assert store._pump is not first_connection
+            assert store.current_versions(["e"]) == {"e": 22}
+        finally:
+            store.close()
+
+
+def test_a_failed_copy_rolls_back_the_whole_batch(postgres_test_url: str) -> None:
+    """A delta row that should not be there makes the batch's COPY fail (a unique
+    violation): the execution rows the statement advanced are rolled back with it."""
+    with StateManager() as source:
+        cursor = source._core.open_cursor(durable=True)
+        source.create_execution("e", workflow_id="w")
+        store = open_native(postgres_test_url)
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            created = store.write_pending(cursor, tracker, 10, 0.0, {})
+            assert created is not None
+            cursor.commit()
+            for n in range(COPY_THRESHOLD):
+                source.update_state("e", {"variables": {"n": n}})
+            with psycopg.connect(postgres_test_url, autocommit=True) as connection:
+                connection.execute(
+                    "INSERT INTO wfstate_deltas (execution_id, version, recorded_at, event_mask,"
+                    " node_ids, data)"
+                    " VALUES ('e', 1000, now(), 0, '{}', '\\x00')"
+                )
+            before = stored_rows(postgres_test_url)
+            pending = store.write_pending(cursor, tracker, 2 * COPY_THRESHOLD, 0.0, {})
+            assert pending is not None
+            assert len(pending.batch) == COPY_THRESHOLD
+            assert isinstance(pending.error, StoreUnavailableError)
+            assert "SQLSTATE 23505" in str(pending.error)
+            assert stored_rows(postgres_test_url) == before
+            with psycopg.connect(postgres_test_url, autocommit=True) as connection:
+                connection.execute("DELETE FROM wfstate_deltas WHERE version = 1000")
+            refusals, _ = store.write_batch(pending.batch, pending.snapshot)
+            assert refusals == {}
+            assert store.current_versions(["e"]) == {"e": COPY_THRESHOLD + 1}
+        finally:
+            store.close()
+
+
+def test_a_connection_the_server_closed_is_replaced_before_the_next_step(
+    postgres_test_url: str,
+) -> None:
+    """The server ends the native writer's session between steps (a restart, or
+    ``pg_terminate_backend``): the next step notices, connects again and stores."""
+    with StateManager(ring_capacity=1000) as source:
+        cursor = source._core.open_cursor(durable=True)
+        source.create_execution("e", workflow_id="w")
+        store = open_native(postgres_test_url)
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            assert store.write_pending(cursor, tracker, 10, 0.0, {}) is not None
+            cursor.commit()
+            assert store._pump is not None
+            pid = store._pump.info.backend_pid
+            with psycopg.connect(postgres_test_url, autocommit=True) as connection:
+                connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                connection.execute(
+                    "SELECT pg_sleep(0.01) FROM pg_stat_activity WHERE pid = %s", (pid,)
+                )
+            source.update_state("e", {"variables": {"after": "restart"}})
+            pending = store.write_pending(cursor, tracker, 10, 0.0, {})
+            assert pending is not None
+            assert pending.error is None
+            assert pending.written is not None
+            assert store._pump is not None
+            assert store._pump.info.backend_pid != pid
+            assert store.current_versions(["e"]) == {"e": 2}
+        finally:
+            store.close()
+
+
+def test_the_write_behind_retries_a_failed_native_write_then_stores_it(
+    postgres_test_url: str,
+) -> None:
+    """Through the manager: while the row is locked the write fails and the flusher
+    reports it in stats() and retries; once the lock is gone every version is
+    stored."""
+    url = with_options(postgres_test_url, "-c lock_timeout=100")
+    with StateManager.open(url, durability="async", flush_interval=0.01) as manager:
+        manager.create_execution("e", workflow_id="w", variables={"count": 0})
+        manager.flush()
+        with row_locked(postgres_test_url, "e"):
+            for count in range(1, 51):
+                manager.update_state("e", {"variables": {"count": count}})
+            with pytest.raises(StoreUnavailableError):
+                manager.flush(timeout=1.0)
+            stats = manager.stats()
+            assert stats["flush_retries"] > 0
+            assert "lock" in (stats["last_store_error"] or "")
+            assert stats["pending_events"] > 0
+        manager.flush(timeout=30)
+        assert manager.stats()["last_store_error"] is None
+        state = manager.get_state("e")
+    with StateManager.open(postgres_test_url) as reopened:
+        assert reopened.get_state("e") == state
+        assert state.variables["count"] == 50
