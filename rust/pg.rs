@@ -108,6 +108,14 @@ fn load_api(module_path: &str) -> Result<Api, String> {
             unsafe { crate::sqlite::function_pointer(pointer) }
         }};
     }
+    // psycopg's module binds its libpq calls through the global scope first: a
+    // libpq loaded there (RTLD_GLOBAL) before it would be the one it calls, not the
+    // one its handle reaches. Two copies cannot be told apart from here: refuse.
+    let global = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"PQstatus".as_ptr()) };
+    let local = unsafe { libc::dlsym(handle, c"PQstatus".as_ptr()) };
+    if !global.is_null() && global != local {
+        return Err("two copies of libpq are loaded: which one psycopg calls is unknown".into());
+    }
     Ok(Api {
         lib_version: symbol!("PQlibVersion"),
         exec: symbol!("PQexec"),
@@ -320,19 +328,28 @@ impl<'a> Conn<'a> {
 
     /// Abort a COPY in progress and read what is left.
     fn end_copy(&self, reason: &CStr) {
-        unsafe { (self.api.put_copy_end)(self.pointer, reason.as_ptr()) };
-        self.drain();
+        if unsafe { (self.api.put_copy_end)(self.pointer, reason.as_ptr()) } == 1 {
+            self.drain();
+        }
     }
 
-    /// Read the results left until libpq has none (a COPY's or a failed call's).
+    /// Read the results left until libpq has none (a COPY's or a failed call's). A
+    /// COPY still open is ended first (libpq would return its COPY_IN state forever).
     fn drain(&self) {
-        loop {
+        for _ in 0..64 {
             let result = unsafe { (self.api.get_result)(self.pointer) };
             if result.is_null() {
                 return;
             }
+            let copying = unsafe { (self.api.result_status)(result) } == PGRES_COPY_IN;
             unsafe { (self.api.clear)(result) };
             if unsafe { (self.api.status)(self.pointer) } != CONNECTION_OK {
+                return;
+            }
+            if copying
+                && unsafe { (self.api.put_copy_end)(self.pointer, c"wfstate: abandoned".as_ptr()) }
+                    != 1
+            {
                 return;
             }
         }
@@ -464,9 +481,12 @@ impl PyPgWriter {
             types.push(*oid);
             values.push(by_name.get(name.as_str()).copied());
         }
+        // Everything is encoded before BEGIN: nothing between BEGIN and COMMIT can
+        // panic and leave the transaction (and its row locks) open.
+        let payload = by_copy.then(|| batch.encode_copy(&HashSet::new()));
+        let chains = batch.chain_count();
         drop(conn.exec(c"BEGIN", PGRES_COMMAND_OK)?);
         let rows = conn.exec_params(&statement.text, &types, &values)?;
-        let chains = batch.chain_count();
         let found = unsafe { (conn.api.ntuples)(rows.pointer) };
         // A written chain's row has a NULL version; a refused one's its stored version.
         let written = (0..found)
@@ -477,8 +497,8 @@ impl PyPgWriter {
             drop(conn.exec(c"ROLLBACK", PGRES_COMMAND_OK)?);
             return Ok(Outcome::Refused);
         }
-        if by_copy {
-            conn.copy_in(&self.copy, &batch.encode_copy(&HashSet::new()))?;
+        if let Some(payload) = &payload {
+            conn.copy_in(&self.copy, payload)?;
         }
         let committed = conn.exec(c"COMMIT", PGRES_COMMAND_OK)?;
         // A COMMIT of a failed transaction succeeds as a ROLLBACK.

@@ -12,7 +12,10 @@ timeout, a duplicate delta in COPY) or loses its connection, then is retried.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -21,7 +24,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from wfstate import ConflictError, StateManager, StoreUnavailableError, _core
+from wfstate import AlreadyExistsError, ConflictError, StateManager, StoreUnavailableError, _core
 from wfstate._durable import SnapshotPolicy, snapshot_tracker
 from wfstate.store.base import PendingWrite
 from wfstate.store.postgres import (
@@ -418,9 +421,13 @@ def test_a_connection_the_server_closed_is_replaced_before_the_next_step(
             pid = store._pump.info.backend_pid
             with psycopg.connect(postgres_test_url, autocommit=True) as connection:
                 connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
-                connection.execute(
-                    "SELECT pg_sleep(0.01) FROM pg_stat_activity WHERE pid = %s", (pid,)
-                )
+                # Gone from pg_stat_activity once it exited, after sending its FATAL.
+                deadline = time.monotonic() + 10
+                while connection.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone():
+                    assert time.monotonic() < deadline, "the backend did not exit"
+                    time.sleep(0.01)
             source.update_state("e", {"variables": {"after": "restart"}})
             pending = store.write_pending(cursor, tracker, 10, 0.0, {})
             assert pending is not None
@@ -458,3 +465,163 @@ def test_the_write_behind_retries_a_failed_native_write_then_stores_it(
     with StateManager.open(postgres_test_url) as reopened:
         assert reopened.get_state("e") == state
         assert state.variables["count"] == 50
+
+
+def test_a_refused_creation_in_a_copy_sized_batch_is_left_to_write_batch(
+    postgres_test_url: str,
+) -> None:
+    """A batch of COPY size holds e-0's 2,000 updates and the creation of "taken",
+    which another writer created first: the native step rolls it all back (nothing
+    of e-0's versions is stored), and ``write_batch`` stores e-0's by COPY and
+    reports the creation as ``AlreadyExistsError``."""
+    with StateManager() as source:
+        cursor = source._core.open_cursor(durable=True)
+        source.create_execution("e-0", workflow_id="w")
+        store = open_native(postgres_test_url)
+        try:
+            tracker = snapshot_tracker(SnapshotPolicy())
+            created = store.write_pending(cursor, tracker, 10, 0.0, {})
+            assert created is not None
+            assert created.written is not None
+            cursor.commit()
+            with StateManager.open(postgres_test_url) as other:
+                other.create_execution("taken", workflow_id="other")
+            for n in range(COPY_THRESHOLD):
+                source.update_state("e-0", {"variables": {"n": n}})
+            source.create_execution("taken", workflow_id="w")
+            before = stored_rows(postgres_test_url)
+            pending = store.write_pending(cursor, tracker, 2 * COPY_THRESHOLD, 0.0, {})
+            assert pending is not None
+            assert len(pending.batch) == COPY_THRESHOLD + 1
+            assert (pending.written, pending.error) == (None, None)
+            assert stored_rows(postgres_test_url) == before
+            refusals, _ = store.write_batch(pending.batch, pending.snapshot)
+            assert list(refusals) == ["taken"]
+            assert isinstance(refusals["taken"], AlreadyExistsError)
+            assert store.current_versions(["e-0", "taken"]) == {
+                "e-0": COPY_THRESHOLD + 1,
+                "taken": 1,
+            }
+        finally:
+            store.close()
+
+
+def test_a_native_step_lets_other_threads_run(postgres_test_url: str) -> None:
+    """The step waits for events (and writes) without the GIL: a thread counting in
+    Python goes on counting meanwhile."""
+    with StateManager() as source:
+        cursor = source._core.open_cursor(durable=True)
+        store = open_native(postgres_test_url)
+        stop = threading.Event()
+        counted = [0]
+
+        def count() -> None:
+            while not stop.is_set():
+                counted[0] += 1
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        try:
+            time.sleep(0.05)
+            before = counted[0]
+            pending = store.write_pending(cursor, snapshot_tracker(SnapshotPolicy()), 10, 0.5, {})
+            during = counted[0] - before
+        finally:
+            stop.set()
+            counter.join()
+            store.close()
+        assert pending is not None
+        assert len(pending.batch) == 0
+        # Holding the GIL for the 0.5 s wait would leave the counter at a handful.
+        assert during > 10_000, f"the counter advanced {during} times in 0.5 s"
+
+
+def test_an_idle_write_behind_does_not_keep_connecting_while_the_server_is_away(
+    postgres_test_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The native step cannot connect: it stops trying (the flusher reads through
+    psycopg's path, which connects only to write) until a ``write_batch`` succeeds;
+    then native steps connect again."""
+    with StateManager.open(postgres_test_url, durability="async", flush_interval=0.01) as manager:
+        store = manager._store
+        assert isinstance(store, PostgresStore)
+        manager.create_execution("e", workflow_id="w")
+        manager.flush()
+        real_connect = psycopg.connect
+        attempts = [0]
+
+        def refuse(*args: Any, **kwargs: Any) -> psycopg.Connection[Any]:
+            attempts[0] += 1
+            raise psycopg.OperationalError("the server is away (test)")
+
+        with store._pump_lock:
+            assert store._pump is not None
+            store._pump.close()  # as if the server had closed it
+            monkeypatch.setattr(psycopg, "connect", refuse)
+        time.sleep(0.5)  # about 50 idle steps
+        assert attempts[0] == 1, f"{attempts[0]} connection attempts while idle"
+        assert store._pump_down
+        monkeypatch.setattr(psycopg, "connect", real_connect)
+        manager.update_state("e", {"variables": {"back": 1}})
+        manager.flush(timeout=10)  # through write_batch: the server answers again
+        assert not store._pump_down
+        manager.update_state("e", {"variables": {"back": 2}})
+        manager.flush(timeout=10)
+        assert store._pump is not None
+        assert not store._pump.closed
+        state = manager.get_state("e")
+    with StateManager.open(postgres_test_url) as reopened:
+        assert reopened.get_state("e") == state
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_closing_the_store_in_a_forked_child_leaves_the_parents_connections_alone(
+    postgres_test_url: str,
+) -> None:
+    """A child forked while the flusher waits in a native step (holding the step's
+    lock): the child's store refuses a step and closes at once, without touching
+    the parent's sessions (closing one would end it), which go on working.
+
+    Only the store: whether a manager's other locks were held at the fork is up to
+    the thread scheduler (a child of a threaded process should not use them)."""
+    with StateManager.open(postgres_test_url, durability="async", flush_interval=0.2) as manager:
+        store = manager._store
+        assert isinstance(store, PostgresStore)
+        manager.create_execution("e", workflow_id="w")
+        manager.flush()
+        time.sleep(0.05)  # the flusher is inside a step, waiting for events
+        assert store._pump_lock.locked()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                with StateManager() as source:
+                    cursor = source._core.open_cursor(durable=True)
+                    tracker = snapshot_tracker(SnapshotPolicy())
+                    try:
+                        store.write_pending(cursor, tracker, 10, 0.0, {})
+                    except StoreUnavailableError:
+                        store.close()
+                        code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+        for n in range(20):
+            manager.update_state("e", {"variables": {"n": n}})
+        manager.flush(timeout=10)
+        assert store._pump is not None
+        assert not store._pump.closed
+        state = manager.get_state("e")
+    with StateManager.open(postgres_test_url) as reopened:
+        assert reopened.get_state("e") == state
+        assert state.version == 21

@@ -621,6 +621,8 @@ class PostgresStore(GroupedByManager):
         #: The native writer's connection (``write_pending``), the flusher's alone.
         self._pump: _Connection | None = None
         self._pump_lock = threading.Lock()
+        #: The last connect for it failed: no native step until a write_batch succeeds.
+        self._pump_down = False
         #: Statements prepared on the writer connection by ``_execute_one``: name ->
         #: the parameters in ``$n`` order.
         self._fast_prepared: dict[bytes, list[tuple[str, int, int]]] = {}
@@ -1309,12 +1311,15 @@ class PostgresStore(GroupedByManager):
         threads applying updates the flusher then stored next to nothing until they
         stopped. A batch the statement refuses any chain of is rolled back and
         returned unwritten: the flusher writes it with ``write_batch``, which reports
-        each refusal. None too when no connection can be made (``write_batch`` then
-        reports the failure and the flusher backs off).
+        each refusal. None too when no connection can be made: ``write_batch`` then
+        reports the failure and the flusher backs off, and no native step connects
+        again until a ``write_batch`` succeeded (an idle flusher would otherwise try
+        every ``flush_interval`` while the server is away).
         """
         native = self._native
-        if native is None:
+        if native is None or self._pump_down:
             return None
+        self._check_usable()  # before the lock: a forked child may hold a copy locked
         with self._pump_lock:
             self._check_usable()
             conn = self._pump_connection()
@@ -1358,6 +1363,7 @@ class PostgresStore(GroupedByManager):
             try:
                 conn = psycopg.connect(self._conninfo, autocommit=True, **self._settings)
             except psycopg.Error:
+                self._pump_down = True
                 return None
             self._pump = conn
         return conn
@@ -1397,6 +1403,7 @@ class PostgresStore(GroupedByManager):
                 copy_statement = self._statement("copy_deltas", conn, self._copy_statement)
                 with conn.cursor().copy(copy_statement) as copy:
                     copy.write(payload)
+        self._pump_down = False  # the server answers: native steps may connect again
         return refusals, sizes
 
     def _copy_statement(self) -> sql.Composed:
@@ -1757,6 +1764,10 @@ class PostgresStore(GroupedByManager):
             if self._closed:
                 return
             self._closed = True
+        if os.getpid() != self._pid:
+            # A forked child: the connections are the parent's (closing one would end
+            # its session, and a lock may have been copied held). Leave them alone.
+            return
         with self._writer_lock:
             if self._writer is not None:
                 self._writer.close()
