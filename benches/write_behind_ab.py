@@ -128,6 +128,7 @@ def main(argv: list[str]) -> None:
         admin.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
         admin.execute(f"CREATE DATABASE {DATABASE}")
     url = f"{base}/{DATABASE}"
+    StateManager.open(url).close()  # the tables, before the first poller reads them
     results: dict[str, list[list[dict[str, float]]]] = {"1": [], "0": []}
     names = {"1": "native ", "0": "psycopg"}
     try:

@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod codec;
 pub mod convert;
+pub mod dl;
 pub mod engine;
 pub mod errors;
 pub mod model;

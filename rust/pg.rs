@@ -27,6 +27,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::batch::PyRecordBatch;
+use crate::dl;
 use crate::pump::{self, Source, Step, Written};
 use crate::py::{deadline_after, PyEventCursor};
 use crate::snapshots::PySnapshotTracker;
@@ -89,31 +90,25 @@ struct Api {
 /// The C API as psycopg's libpq wrapper (`module_path`, loaded already) resolves
 /// it: `dlsym` on its handle searches the module and then the libraries it was
 /// linked with, so every function is the one psycopg calls.
-#[cfg(unix)]
 fn load_api(module_path: &str) -> Result<Api, String> {
-    let path = CString::new(module_path).map_err(|_| "a NUL in the module's path".to_string())?;
-    // RTLD_NOLOAD: only what this process has loaded already, never a second copy.
-    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
-    if handle.is_null() {
-        return Err(format!("{module_path} is not loaded as a shared library"));
-    }
+    let handle = dl::loaded(module_path)?;
     macro_rules! symbol {
         ($name:literal) => {{
-            let pointer = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr().cast()) };
+            let name = CStr::from_bytes_with_nul(concat!($name, "\0").as_bytes()).expect("a name");
+            let pointer = dl::symbol(Some(handle), name);
             if pointer.is_null() {
                 return Err(format!("{module_path} does not reach libpq's {}", $name));
             }
             // SAFETY: the symbol is the libpq function of that name, whose signature
             // the field's type spells out.
-            unsafe { crate::sqlite::function_pointer(pointer) }
+            unsafe { dl::function_pointer(pointer) }
         }};
     }
     // psycopg's module binds its libpq calls through the global scope first: a
     // libpq loaded there (RTLD_GLOBAL) before it would be the one it calls, not the
     // one its handle reaches. Two copies cannot be told apart from here: refuse.
-    let global = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"PQstatus".as_ptr()) };
-    let local = unsafe { libc::dlsym(handle, c"PQstatus".as_ptr()) };
-    if !global.is_null() && global != local {
+    let global = dl::symbol(None, c"PQstatus");
+    if !global.is_null() && global != dl::symbol(Some(handle), c"PQstatus") {
         return Err("two copies of libpq are loaded: which one psycopg calls is unknown".into());
     }
     Ok(Api {
@@ -138,20 +133,10 @@ fn load_api(module_path: &str) -> Result<Api, String> {
     })
 }
 
-#[cfg(not(unix))]
-fn load_api(_module_path: &str) -> Result<Api, String> {
-    Err("the native PostgreSQL writer needs dlopen".to_string())
-}
-
-/// The API, loaded once per process (a failure is not kept, so another module path
-/// may still succeed).
+/// The API, loaded once per process.
 fn api(module_path: &str) -> Result<&'static Api, String> {
     static API: std::sync::OnceLock<Api> = std::sync::OnceLock::new();
-    if let Some(api) = API.get() {
-        return Ok(api);
-    }
-    let loaded = load_api(module_path)?;
-    Ok(API.get_or_init(|| loaded))
+    dl::once(&API, || load_api(module_path))
 }
 
 // -- one connection's calls ---------------------------------------------------------

@@ -69,19 +69,18 @@ pub(crate) fn step<W: Written>(
     let mut earlier = (0usize, 0usize, 0usize);
     let mut deadline = source.first_deadline;
     let mut until = None;
-    loop {
+    let (batch, chains, flags, written) = loop {
         let before = cursor.position_of(id);
         let batch = match cursor.batch_until(id, max_events, Some(deadline), skip_before) {
             Ok(batch) => batch,
             // Closed by `stop()` after whole batches: report those.
             Err(CoreError::Closed(_)) if earlier.0 > 0 => {
-                return Ok(Step {
-                    batch: PyRecordBatch::new(Vec::new(), 0),
-                    chains: Vec::new(),
-                    flags: Vec::new(),
-                    written: None,
-                    earlier,
-                });
+                break (
+                    PyRecordBatch::new(Vec::new(), 0),
+                    Vec::new(),
+                    Vec::new(),
+                    None,
+                );
             }
             Err(error) => return Err(error),
         };
@@ -107,13 +106,7 @@ pub(crate) fn step<W: Written>(
             })
             .collect();
         if batch.__len__() == 0 && !full {
-            return Ok(Step {
-                batch,
-                chains,
-                flags,
-                written: None,
-                earlier,
-            });
+            break (batch, chains, flags, None);
         }
         let written = (batch.__len__() > 0).then(|| write(&batch, &flags));
         let sizes = match &written {
@@ -121,13 +114,7 @@ pub(crate) fn step<W: Written>(
             Some(written) => written.stored_whole(),
         };
         let Some(sizes) = sizes.filter(|_| full && Instant::now() < until) else {
-            return Ok(Step {
-                batch,
-                chains,
-                flags,
-                written,
-                earlier,
-            });
+            break (batch, chains, flags, written);
         };
         // Stored whole and full: more may be waiting. Account for it as the flusher
         // would, take it off the ring, and go on without waiting.
@@ -138,17 +125,18 @@ pub(crate) fn step<W: Written>(
         }
         if cursor.commit_read(id).is_err() {
             // Closed meanwhile: this batch is the step's last.
-            return Ok(Step {
-                batch,
-                chains,
-                flags,
-                written,
-                earlier,
-            });
+            break (batch, chains, flags, written);
         }
         earlier.0 += usize::from(written.is_some());
         earlier.1 += chains.iter().map(|chain| chain.6).sum::<usize>();
         earlier.2 += batch.dropped_count();
         deadline = Instant::now();
-    }
+    };
+    Ok(Step {
+        batch,
+        chains,
+        flags,
+        written,
+        earlier,
+    })
 }

@@ -27,6 +27,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::batch::{sqlite_chain_rows, ChainView, PyRecordBatch, RowKind, SqlValue, SyncItem};
+use crate::dl;
 use crate::pump::{self, Source, Step, Written};
 use crate::py::{deadline_after, version_record, PyCore, PyEventCursor};
 use crate::snapshots::PySnapshotTracker;
@@ -91,30 +92,15 @@ struct Api {
     extended_errcode: unsafe extern "C" fn(*mut Sqlite3) -> c_int,
 }
 
-/// `pointer` as the function pointer type `F`.
-///
-/// # Safety
-/// `pointer` must point to a function of signature `F`.
-#[cfg(unix)]
-pub(crate) unsafe fn function_pointer<F: Copy>(pointer: *mut c_void) -> F {
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&pointer) }
-}
-
 /// The C API as the `sqlite3` module's extension (`module_path`, loaded already)
 /// resolves it: `dlsym` on its handle searches the extension and then the libraries
 /// it was linked with, so every function is the one that module calls.
-#[cfg(unix)]
 fn load_api(module_path: &str) -> Result<Api, String> {
-    let path = CString::new(module_path).map_err(|_| "a NUL in the module's path".to_string())?;
-    // RTLD_NOLOAD: only what this process has loaded already, never a second copy.
-    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
-    if handle.is_null() {
-        return Err(format!("{module_path} is not loaded as a shared library"));
-    }
+    let handle = dl::loaded(module_path)?;
     macro_rules! symbol {
         ($name:literal) => {{
-            let pointer = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr().cast()) };
+            let name = CStr::from_bytes_with_nul(concat!($name, "\0").as_bytes()).expect("a name");
+            let pointer = dl::symbol(Some(handle), name);
             if pointer.is_null() {
                 return Err(format!(
                     "the sqlite3 module does not export {} (SQLite linked into it)",
@@ -123,7 +109,7 @@ fn load_api(module_path: &str) -> Result<Api, String> {
             }
             // SAFETY: the symbol is the SQLite C API function of that name, whose
             // signature the field's type spells out.
-            unsafe { function_pointer(pointer) }
+            unsafe { dl::function_pointer(pointer) }
         }};
     }
     let threadsafe: unsafe extern "C" fn() -> c_int = symbol!("sqlite3_threadsafe");
@@ -157,20 +143,11 @@ fn load_api(module_path: &str) -> Result<Api, String> {
     })
 }
 
-#[cfg(not(unix))]
-fn load_api(_module_path: &str) -> Result<Api, String> {
-    Err("the native SQLite writer needs dlopen".to_string())
-}
-
 /// The API, loaded once per process (the first time it loads; a failure is not
 /// kept, so another module path may still succeed).
 fn api(module_path: &str) -> Result<&'static Api, String> {
     static API: OnceLock<Api> = OnceLock::new();
-    if let Some(api) = API.get() {
-        return Ok(api);
-    }
-    let loaded = load_api(module_path)?;
-    Ok(API.get_or_init(|| loaded))
+    dl::once(&API, || load_api(module_path))
 }
 
 // -- errors -------------------------------------------------------------------------

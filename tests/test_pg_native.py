@@ -251,36 +251,58 @@ def test_a_batch_with_a_refused_chain_is_rolled_back_and_left_to_write_batch(
         assert store._pump.info.transaction_status == pq.TransactionStatus.IDLE
 
 
+class Stepping(NamedTuple):
+    """A memory-only manager (``source``) with a durable cursor on its ring, and a
+    native store (``store``) that a first step gave the executions it created."""
+
+    source: StateManager
+    cursor: _core.EventCursor
+    store: PostgresStore
+    tracker: _core.SnapshotTracker
+
+    def step(self, max_events: int) -> PendingWrite:
+        """One native step of at most ``max_events`` events, without waiting."""
+        pending = self.store.write_pending(self.cursor, self.tracker, max_events, 0.0, {})
+        assert pending is not None
+        return pending
+
+
+@contextlib.contextmanager
+def created(url: str, *execution_ids: str) -> Iterator[Stepping]:
+    """``execution_ids`` created in memory and stored by a native step (the cursor
+    committed), on a store at ``url`` closed afterwards."""
+    with StateManager() as source:
+        cursor = source._core.open_cursor(durable=True)
+        for execution_id in execution_ids:
+            source.create_execution(execution_id, workflow_id="w")
+        store = open_native(url)
+        try:
+            stepping = Stepping(source, cursor, store, snapshot_tracker(SnapshotPolicy()))
+            assert stepping.step(10).written == ({}, [0] * len(execution_ids))
+            cursor.commit()
+            yield stepping
+        finally:
+            store.close()
+
+
 def test_a_batch_refused_in_part_is_stored_in_part_through_write_batch(
     postgres_test_url: str,
 ) -> None:
     """One batch holds e-0's and e-1's versions, and e-1's were refused: the native
     step rolls it back, ``write_batch`` stores e-0's and refuses e-1's."""
-    with StateManager() as source:
-        cursor = source._core.open_cursor(durable=True)
-        for index in range(2):
-            source.create_execution(f"e-{index}", workflow_id="w")
-        store = open_native(postgres_test_url)
-        try:
-            tracker = snapshot_tracker(SnapshotPolicy())
-            created = store.write_pending(cursor, tracker, 10, 0.0, {})
-            assert created is not None
-            assert created.written == ({}, [0, 0])
-            cursor.commit()
-            with StateManager.open(postgres_test_url) as other:
-                other.update_state("e-1", {"variables": {"by": "other"}})
-            for n in range(5):
-                for index in range(2):
-                    source.update_state(f"e-{index}", {"variables": {"n": n}})
-            pending = store.write_pending(cursor, tracker, 100, 0.0, {})
-            assert pending is not None
-            assert (pending.written, pending.error) == (None, None)
-            assert store.current_versions(["e-0", "e-1"]) == {"e-0": 1, "e-1": 2}
-            refusals, _ = store.write_batch(pending.batch, pending.snapshot)
-            assert list(refusals) == ["e-1"]
-            assert store.current_versions(["e-0", "e-1"]) == {"e-0": 6, "e-1": 2}
-        finally:
-            store.close()
+    with created(postgres_test_url, "e-0", "e-1") as stepping:
+        with StateManager.open(postgres_test_url) as other:
+            other.update_state("e-1", {"variables": {"by": "other"}})
+        for n in range(5):
+            for index in range(2):
+                stepping.source.update_state(f"e-{index}", {"variables": {"n": n}})
+        pending = stepping.step(100)
+        assert (pending.written, pending.error) == (None, None)
+        store = stepping.store
+        assert store.current_versions(["e-0", "e-1"]) == {"e-0": 1, "e-1": 2}
+        refusals, _ = store.write_batch(pending.batch, pending.snapshot)
+        assert list(refusals) == ["e-1"]
+        assert store.current_versions(["e-0", "e-1"]) == {"e-0": 6, "e-1": 2}
 
 
 def test_a_refused_write_behind_version_is_reported_by_flush(postgres_test_url: str) -> None:
@@ -329,79 +351,55 @@ def test_a_native_write_that_fails_in_the_server_stores_nothing_and_is_retried(
     the lock is gone the same batch is stored by ``write_batch``, and the next
     native step runs on a fresh connection."""
     url = with_options(postgres_test_url, "-c lock_timeout=200")
-    with StateManager() as source:
-        cursor = source._core.open_cursor(durable=True)
-        source.create_execution("e", workflow_id="w")
-        store = open_native(url)
-        try:
-            tracker = snapshot_tracker(SnapshotPolicy())
-            created = store.write_pending(cursor, tracker, 10, 0.0, {})
-            assert created is not None
-            assert created.written is not None
-            cursor.commit()
-            first_connection = store._pump
-            for n in range(20):
-                source.update_state("e", {"variables": {"n": n}})
-            with row_locked(postgres_test_url, "e"):
-                pending = store.write_pending(cursor, tracker, 100, 0.0, {})
-                assert pending is not None
-                assert pending.written is None
-                assert isinstance(pending.error, StoreUnavailableError)
-                assert "SQLSTATE 55P03" in str(pending.error)
-                assert "lock" in str(pending.error)
-                assert store._pump is None  # a failed connection is not used again
-                assert first_connection is not None
-                assert first_connection.closed
-                assert store.current_versions(["e"]) == {"e": 1}
-            refusals, _ = store.write_batch(pending.batch, pending.snapshot)
-            assert refusals == {}
-            cursor.commit()
-            assert store.current_versions(["e"]) == {"e": 21}
-            source.update_state("e", {"variables": {"n": "last"}})
-            last = store.write_pending(cursor, tracker, 100, 0.0, {})
-            assert last is not None
-            assert last.written is not None
-            assert store._pump is not None
-            assert store._pump is not first_connection
-            assert store.current_versions(["e"]) == {"e": 22}
-        finally:
-            store.close()
+    with created(url, "e") as stepping:
+        store = stepping.store
+        first_connection = store._pump
+        for n in range(20):
+            stepping.source.update_state("e", {"variables": {"n": n}})
+        with row_locked(postgres_test_url, "e"):
+            pending = stepping.step(100)
+            assert pending.written is None
+            assert isinstance(pending.error, StoreUnavailableError)
+            assert "SQLSTATE 55P03" in str(pending.error)
+            assert "lock" in str(pending.error)
+            assert store._pump is None  # a failed connection is not used again
+            assert first_connection is not None
+            assert first_connection.closed
+            assert store.current_versions(["e"]) == {"e": 1}
+        refusals, _ = store.write_batch(pending.batch, pending.snapshot)
+        assert refusals == {}
+        stepping.cursor.commit()
+        assert store.current_versions(["e"]) == {"e": 21}
+        stepping.source.update_state("e", {"variables": {"n": "last"}})
+        assert stepping.step(100).written is not None
+        assert store._pump is not None
+        assert store._pump is not first_connection
+        assert store.current_versions(["e"]) == {"e": 22}
 
 
 def test_a_failed_copy_rolls_back_the_whole_batch(postgres_test_url: str) -> None:
     """A delta row that should not be there makes the batch's COPY fail (a unique
     violation): the execution rows the statement advanced are rolled back with it."""
-    with StateManager() as source:
-        cursor = source._core.open_cursor(durable=True)
-        source.create_execution("e", workflow_id="w")
-        store = open_native(postgres_test_url)
-        try:
-            tracker = snapshot_tracker(SnapshotPolicy())
-            created = store.write_pending(cursor, tracker, 10, 0.0, {})
-            assert created is not None
-            cursor.commit()
-            for n in range(COPY_THRESHOLD):
-                source.update_state("e", {"variables": {"n": n}})
-            with psycopg.connect(postgres_test_url, autocommit=True) as connection:
-                connection.execute(
-                    "INSERT INTO wfstate_deltas (execution_id, version, recorded_at, event_mask,"
-                    " node_ids, data)"
-                    " VALUES ('e', 1000, now(), 0, '{}', '\\x00')"
-                )
-            before = stored_rows(postgres_test_url)
-            pending = store.write_pending(cursor, tracker, 2 * COPY_THRESHOLD, 0.0, {})
-            assert pending is not None
-            assert len(pending.batch) == COPY_THRESHOLD
-            assert isinstance(pending.error, StoreUnavailableError)
-            assert "SQLSTATE 23505" in str(pending.error)
-            assert stored_rows(postgres_test_url) == before
-            with psycopg.connect(postgres_test_url, autocommit=True) as connection:
-                connection.execute("DELETE FROM wfstate_deltas WHERE version = 1000")
-            refusals, _ = store.write_batch(pending.batch, pending.snapshot)
-            assert refusals == {}
-            assert store.current_versions(["e"]) == {"e": COPY_THRESHOLD + 1}
-        finally:
-            store.close()
+    with created(postgres_test_url, "e") as stepping:
+        for n in range(COPY_THRESHOLD):
+            stepping.source.update_state("e", {"variables": {"n": n}})
+        with psycopg.connect(postgres_test_url, autocommit=True) as connection:
+            connection.execute(
+                "INSERT INTO wfstate_deltas (execution_id, version, recorded_at, event_mask,"
+                " node_ids, data)"
+                " VALUES ('e', 1000, now(), 0, '{}', '\\x00')"
+            )
+        before = stored_rows(postgres_test_url)
+        pending = stepping.step(2 * COPY_THRESHOLD)
+        assert len(pending.batch) == COPY_THRESHOLD
+        assert isinstance(pending.error, StoreUnavailableError)
+        assert "SQLSTATE 23505" in str(pending.error)
+        assert stored_rows(postgres_test_url) == before
+        with psycopg.connect(postgres_test_url, autocommit=True) as connection:
+            connection.execute("DELETE FROM wfstate_deltas WHERE version = 1000")
+        refusals, _ = stepping.store.write_batch(pending.batch, pending.snapshot)
+        assert refusals == {}
+        assert stepping.store.current_versions(["e"]) == {"e": COPY_THRESHOLD + 1}
 
 
 def test_a_connection_the_server_closed_is_replaced_before_the_next_step(
@@ -409,35 +407,26 @@ def test_a_connection_the_server_closed_is_replaced_before_the_next_step(
 ) -> None:
     """The server ends the native writer's session between steps (a restart, or
     ``pg_terminate_backend``): the next step notices, connects again and stores."""
-    with StateManager(ring_capacity=1000) as source:
-        cursor = source._core.open_cursor(durable=True)
-        source.create_execution("e", workflow_id="w")
-        store = open_native(postgres_test_url)
-        try:
-            tracker = snapshot_tracker(SnapshotPolicy())
-            assert store.write_pending(cursor, tracker, 10, 0.0, {}) is not None
-            cursor.commit()
-            assert store._pump is not None
-            pid = store._pump.info.backend_pid
-            with psycopg.connect(postgres_test_url, autocommit=True) as connection:
-                connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
-                # Gone from pg_stat_activity once it exited, after sending its FATAL.
-                deadline = time.monotonic() + 10
-                while connection.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
-                ).fetchone():
-                    assert time.monotonic() < deadline, "the backend did not exit"
-                    time.sleep(0.01)
-            source.update_state("e", {"variables": {"after": "restart"}})
-            pending = store.write_pending(cursor, tracker, 10, 0.0, {})
-            assert pending is not None
-            assert pending.error is None
-            assert pending.written is not None
-            assert store._pump is not None
-            assert store._pump.info.backend_pid != pid
-            assert store.current_versions(["e"]) == {"e": 2}
-        finally:
-            store.close()
+    with created(postgres_test_url, "e") as stepping:
+        store = stepping.store
+        assert store._pump is not None
+        pid = store._pump.info.backend_pid
+        with psycopg.connect(postgres_test_url, autocommit=True) as connection:
+            connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # Gone from pg_stat_activity once it exited, after sending its FATAL.
+            deadline = time.monotonic() + 10
+            while connection.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone():
+                assert time.monotonic() < deadline, "the backend did not exit"
+                time.sleep(0.01)
+        stepping.source.update_state("e", {"variables": {"after": "restart"}})
+        pending = stepping.step(10)
+        assert pending.error is None
+        assert pending.written is not None
+        assert store._pump is not None
+        assert store._pump.info.backend_pid != pid
+        assert store.current_versions(["e"]) == {"e": 2}
 
 
 def test_the_write_behind_retries_a_failed_native_write_then_stores_it(
@@ -474,36 +463,24 @@ def test_a_refused_creation_in_a_copy_sized_batch_is_left_to_write_batch(
     which another writer created first: the native step rolls it all back (nothing
     of e-0's versions is stored), and ``write_batch`` stores e-0's by COPY and
     reports the creation as ``AlreadyExistsError``."""
-    with StateManager() as source:
-        cursor = source._core.open_cursor(durable=True)
-        source.create_execution("e-0", workflow_id="w")
-        store = open_native(postgres_test_url)
-        try:
-            tracker = snapshot_tracker(SnapshotPolicy())
-            created = store.write_pending(cursor, tracker, 10, 0.0, {})
-            assert created is not None
-            assert created.written is not None
-            cursor.commit()
-            with StateManager.open(postgres_test_url) as other:
-                other.create_execution("taken", workflow_id="other")
-            for n in range(COPY_THRESHOLD):
-                source.update_state("e-0", {"variables": {"n": n}})
-            source.create_execution("taken", workflow_id="w")
-            before = stored_rows(postgres_test_url)
-            pending = store.write_pending(cursor, tracker, 2 * COPY_THRESHOLD, 0.0, {})
-            assert pending is not None
-            assert len(pending.batch) == COPY_THRESHOLD + 1
-            assert (pending.written, pending.error) == (None, None)
-            assert stored_rows(postgres_test_url) == before
-            refusals, _ = store.write_batch(pending.batch, pending.snapshot)
-            assert list(refusals) == ["taken"]
-            assert isinstance(refusals["taken"], AlreadyExistsError)
-            assert store.current_versions(["e-0", "taken"]) == {
-                "e-0": COPY_THRESHOLD + 1,
-                "taken": 1,
-            }
-        finally:
-            store.close()
+    with created(postgres_test_url, "e-0") as stepping:
+        with StateManager.open(postgres_test_url) as other:
+            other.create_execution("taken", workflow_id="other")
+        for n in range(COPY_THRESHOLD):
+            stepping.source.update_state("e-0", {"variables": {"n": n}})
+        stepping.source.create_execution("taken", workflow_id="w")
+        before = stored_rows(postgres_test_url)
+        pending = stepping.step(2 * COPY_THRESHOLD)
+        assert len(pending.batch) == COPY_THRESHOLD + 1
+        assert (pending.written, pending.error) == (None, None)
+        assert stored_rows(postgres_test_url) == before
+        refusals, _ = stepping.store.write_batch(pending.batch, pending.snapshot)
+        assert list(refusals) == ["taken"]
+        assert isinstance(refusals["taken"], AlreadyExistsError)
+        assert stepping.store.current_versions(["e-0", "taken"]) == {
+            "e-0": COPY_THRESHOLD + 1,
+            "taken": 1,
+        }
 
 
 def test_a_native_step_lets_other_threads_run(postgres_test_url: str) -> None:

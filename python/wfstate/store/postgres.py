@@ -360,6 +360,17 @@ def _check_idle(conn: _Connection) -> None:
         ConnectionPool.check_connection(conn)
 
 
+def _unless_dead(conn: _Connection | None) -> _Connection | None:
+    """``conn``, or None (closed) when ``_check_idle`` finds it dead."""
+    if conn is not None:
+        try:
+            _check_idle(conn)
+        except psycopg.Error:
+            conn.close()
+            return None
+    return conn
+
+
 def _reason(error: BaseException) -> str:
     """A driver error's first line (libpq messages never carry the password)."""
     text = str(error).strip()
@@ -782,13 +793,7 @@ class PostgresStore(GroupedByManager):
         self._check_usable()
         with self._writer_lock:
             try:
-                conn = self._writer
-                if conn is not None:
-                    try:
-                        _check_idle(conn)
-                    except psycopg.Error:
-                        conn.close()
-                        conn = self._writer = None
+                conn = self._writer = _unless_dead(self._writer)
                 if conn is None:
                     conn = psycopg.connect(self._conninfo, autocommit=True, **self._settings)
                     _configure(conn)
@@ -1352,13 +1357,7 @@ class PostgresStore(GroupedByManager):
     def _pump_connection(self) -> _Connection | None:
         """The native writer's connection, checked as the pool checks its own and
         replaced when dead; None when none can be made. Under ``_pump_lock``."""
-        conn = self._pump
-        if conn is not None:
-            try:
-                _check_idle(conn)
-            except psycopg.Error:
-                conn.close()
-                conn = self._pump = None
+        conn = self._pump = _unless_dead(self._pump)
         if conn is None:
             try:
                 conn = psycopg.connect(self._conninfo, autocommit=True, **self._settings)
