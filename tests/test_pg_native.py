@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -513,39 +514,45 @@ def test_a_native_step_lets_other_threads_run(postgres_test_url: str) -> None:
         assert during > 10_000, f"the counter advanced {during} times in 0.5 s"
 
 
-def test_an_idle_write_behind_does_not_keep_connecting_while_the_server_is_away(
+def test_a_native_writer_that_cannot_connect_backs_off(
     postgres_test_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The native step cannot connect: it stops trying (the flusher reads through
-    psycopg's path, which connects only to write) until a ``write_batch`` succeeds;
-    then native steps connect again."""
+    """The native step cannot connect (the server is away, or a connection limit
+    only its connection exceeds): it stays off for 1 s, then 2 s, ... while the
+    flusher goes through psycopg's path (which here can still write), instead of
+    connecting at every step; once it can connect again, native steps resume."""
     with StateManager.open(postgres_test_url, durability="async", flush_interval=0.01) as manager:
         store = manager._store
         assert isinstance(store, PostgresStore)
         manager.create_execution("e", workflow_id="w")
         manager.flush()
-        real_connect = psycopg.connect
         attempts = [0]
+        real_connect = psycopg.connect
 
-        def refuse(*args: Any, **kwargs: Any) -> psycopg.Connection[Any]:
-            attempts[0] += 1
-            raise psycopg.OperationalError("the server is away (test)")
+        def refuse_the_native_writer(*args: Any, **kwargs: Any) -> psycopg.Connection[Any]:
+            if any("_pump_connection" in frame.name for frame in traceback.extract_stack()):
+                attempts[0] += 1
+                raise psycopg.OperationalError("too many connections for role (test)")
+            return real_connect(*args, **kwargs)
 
         with store._pump_lock:
             assert store._pump is not None
             store._pump.close()  # as if the server had closed it
-            monkeypatch.setattr(psycopg, "connect", refuse)
-        time.sleep(0.5)  # about 50 idle steps
-        assert attempts[0] == 1, f"{attempts[0]} connection attempts while idle"
-        assert store._pump_down
+            monkeypatch.setattr(psycopg, "connect", refuse_the_native_writer)
+        for n in range(50):  # about 50 steps, each with a batch to write
+            manager.update_state("e", {"variables": {"n": n}})
+            time.sleep(0.01)
+        manager.flush(timeout=10)  # through write_batch: psycopg's path still works
+        assert attempts[0] == 1, f"{attempts[0]} connection attempts in 0.5 s"
+        assert store._pump_backoff == 2.0
         monkeypatch.setattr(psycopg, "connect", real_connect)
-        manager.update_state("e", {"variables": {"back": 1}})
-        manager.flush(timeout=10)  # through write_batch: the server answers again
-        assert not store._pump_down
-        manager.update_state("e", {"variables": {"back": 2}})
+        deadline = time.monotonic() + 10
+        while store._pump is None or store._pump.closed:  # back after 1 s
+            assert time.monotonic() < deadline, "the native writer did not come back"
+            manager.update_state("e", {"variables": {"later": time.monotonic()}})
+            time.sleep(0.05)
+        assert store._pump_backoff == 1.0
         manager.flush(timeout=10)
-        assert store._pump is not None
-        assert not store._pump.closed
         state = manager.get_state("e")
     with StateManager.open(postgres_test_url) as reopened:
         assert reopened.get_state("e") == state

@@ -26,6 +26,7 @@ import re
 import select
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -82,6 +83,11 @@ COPY_THRESHOLD = 2_000
 #: Set to "0" to write the write-behind's batches through psycopg instead of the
 #: native writer.
 NATIVE_WRITER_ENV: Final = "WFSTATE_PG_NATIVE_WRITER"
+
+#: After the native writer failed to connect, how long its steps stay off (seconds),
+#: doubling at each failed connect up to the maximum.
+_PUMP_FIRST_BACKOFF: Final = 1.0
+_PUMP_MAX_BACKOFF: Final = 30.0
 
 #: Every table the store owns, for ``storage_bytes``.
 _TABLES = (
@@ -632,8 +638,10 @@ class PostgresStore(GroupedByManager):
         #: The native writer's connection (``write_pending``), the flusher's alone.
         self._pump: _Connection | None = None
         self._pump_lock = threading.Lock()
-        #: The last connect for it failed: no native step until a write_batch succeeds.
-        self._pump_down = False
+        #: After a failed connect for it: no native step before this ``monotonic()``
+        #: time, and the wait before the next try (doubling up to 30 s).
+        self._pump_retry_at = 0.0
+        self._pump_backoff = _PUMP_FIRST_BACKOFF
         #: Statements prepared on the writer connection by ``_execute_one``: name ->
         #: the parameters in ``$n`` order.
         self._fast_prepared: dict[bytes, list[tuple[str, int, int]]] = {}
@@ -1316,13 +1324,14 @@ class PostgresStore(GroupedByManager):
         threads applying updates the flusher then stored next to nothing until they
         stopped. A batch the statement refuses any chain of is rolled back and
         returned unwritten: the flusher writes it with ``write_batch``, which reports
-        each refusal. None too when no connection can be made: ``write_batch`` then
-        reports the failure and the flusher backs off, and no native step connects
-        again until a ``write_batch`` succeeded (an idle flusher would otherwise try
-        every ``flush_interval`` while the server is away).
+        each refusal. None too when no connection can be made (``write_batch`` then
+        reports the failure, if the server is away, and the flusher backs off); the
+        native steps then stay off for 1 s, doubling at each failed connect up to
+        30 s, so that neither a server that is away nor a connection limit that only
+        this connection exceeds makes the flusher connect at every step.
         """
         native = self._native
-        if native is None or self._pump_down:
+        if native is None or time.monotonic() < self._pump_retry_at:
             return None
         self._check_usable()  # before the lock: a forked child may hold a copy locked
         with self._pump_lock:
@@ -1362,9 +1371,11 @@ class PostgresStore(GroupedByManager):
             try:
                 conn = psycopg.connect(self._conninfo, autocommit=True, **self._settings)
             except psycopg.Error:
-                self._pump_down = True
+                self._pump_retry_at = time.monotonic() + self._pump_backoff
+                self._pump_backoff = min(self._pump_backoff * 2, _PUMP_MAX_BACKOFF)
                 return None
             self._pump = conn
+            self._pump_backoff = _PUMP_FIRST_BACKOFF
         return conn
 
     def write_batch(
@@ -1402,7 +1413,6 @@ class PostgresStore(GroupedByManager):
                 copy_statement = self._statement("copy_deltas", conn, self._copy_statement)
                 with conn.cursor().copy(copy_statement) as copy:
                     copy.write(payload)
-        self._pump_down = False  # the server answers: native steps may connect again
         return refusals, sizes
 
     def _copy_statement(self) -> sql.Composed:
