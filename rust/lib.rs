@@ -36,8 +36,9 @@ mod _core {
     use crate::pg::PyPgWriter;
     #[pymodule_export]
     use crate::py::{
-        advance, bind_types, decode_data, decode_history, rebuild, PyCore, PyEventCursor,
-        PyNodeState, PyPreparedUpdate, PyStateEvent, PyVersionRecord, PyWorkflowState,
+        advance, bind_types, decode_data, decode_history, new_execution_id, rebuild, PyCore,
+        PyEventCursor, PyNodeState, PyPreparedUpdate, PyStateEvent, PyVersionRecord,
+        PyWorkflowState,
     };
     #[pymodule_export]
     use crate::snapshots::PySnapshotTracker;

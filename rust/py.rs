@@ -1522,6 +1522,13 @@ pub fn bind_types(
     Ok(())
 }
 
+/// A new execution id: a time-ordered UUIDv7, as `create` makes when given None
+/// (for a caller that must know the id before it prepares the creation).
+#[pyfunction]
+pub fn new_execution_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// Decode an event's MessagePack data (`StateEvent.encoded_data`) to Python values.
 #[pyfunction]
 pub fn decode_data<'py>(py: Python<'py>, encoded: &[u8]) -> PyResult<Bound<'py, PyAny>> {

@@ -16,6 +16,8 @@ through the manager under test.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import random
 import threading
 import time
@@ -839,6 +841,59 @@ def test_more_writes_in_flight_than_the_ring_holds(store_url: str) -> None:
         assert [manager.get_state(f"e{index}").version for index in range(threads)] == [
             per_thread + 1
         ] * threads
+
+
+@pytest.mark.parametrize("operation", ["create", "fork"])
+def test_a_creation_or_fork_takes_its_stripe_before_its_ring_room(
+    store_url: str, operation: str
+) -> None:
+    """As an update does, a creation or a fork waits for its execution's stripe
+    before it reserves ring room. Otherwise, with the ring's last room reserved by
+    one waiting for a stripe, the stripe's holder could get no room although the
+    reader had caught up: it failed (``on_ring_full="error"``), or waited out
+    ``ring_full_timeout``.
+
+    The test holds the stripe (as an update in flight would), lets the creation or
+    fork start, then asks for the ring's one free place as that update would."""
+    with StateManager.open(store_url, ring_capacity=16, on_ring_full="error") as manager:
+        manager.create_execution("b", workflow_id="wf")
+        cursor = manager.open_cursor(durable=True)
+        fill_the_ring(manager, "b")
+        cursor.read(1, timeout=0)
+        cursor.commit()  # one free place
+        stripe = manager._stripe("b")
+        if operation == "create":
+            new_id = next(f"a{n}" for n in itertools.count() if manager._stripe(f"a{n}") is stripe)
+            work: Callable[[], WorkflowState] = functools.partial(
+                manager.create_execution, new_id, workflow_id="wf"
+            )
+        else:  # a fork takes the stripe of its source
+            new_id = "g"
+            work = functools.partial(manager.fork, "b", new_execution_id=new_id)
+        outcome: list[object] = []
+
+        def start() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as error:
+                outcome.append(error)
+
+        with stripe:
+            worker = threading.Thread(target=start)
+            worker.start()
+            time.sleep(0.2)  # the worker waits for the stripe
+            assert outcome == []
+            update = manager._core.prepare("b", {"variables": {"in_flight": True}})
+            update.release()
+            cursor.read(100, timeout=0)
+            cursor.commit()  # the reader catches up: room for the worker
+        worker.join(timeout=10)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], WorkflowState), outcome[0]
+        assert outcome[0].execution_id == new_id
+        if manager._store is not None:
+            assert manager._store.load(new_id) is not None
+        cursor.close()
 
 
 def test_a_write_waits_for_ring_room_before_the_store_takes_it(durable_store_url: str) -> None:

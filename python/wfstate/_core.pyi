@@ -41,6 +41,7 @@ __all__ = [
     "bind_types",
     "decode_data",
     "decode_history",
+    "new_execution_id",
     "pg_write_parameters",
     "rebuild",
     "sqlite_write_rows",
@@ -461,6 +462,7 @@ def bind_types(
     exception_to_error: Callable[[BaseException], dict[str, Any]],
 ) -> None: ...
 def decode_data(encoded: bytes) -> dict[str, Any]: ...
+def new_execution_id() -> str: ...
 def rebuild(
     execution_id: str,
     snapshot: bytes | None,

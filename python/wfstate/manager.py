@@ -496,8 +496,15 @@ class StateManager:
             if self._store is not None and execution_id is not None:
                 self._check_not_stored(execution_id)
             return core.create(execution_id, workflow_id, variables, context, actor)
-        prepared = core.prepare_create(execution_id, workflow_id, variables, context, actor)
-        with self._stripe(prepared.execution_id):
+        if execution_id is None:
+            execution_id = _core.new_execution_id()
+        if not isinstance(execution_id, str):  # the core's ValidationError, nothing kept
+            core.prepare_create(execution_id, workflow_id, variables, context, actor)
+        # The stripe first, then the ring room (the preparation reserves it), as in
+        # update_state: a writer holding room never waits for a stripe whose holder
+        # waits for room.
+        with self._stripe(execution_id):
+            prepared = core.prepare_create(execution_id, workflow_id, variables, context, actor)
             self._commit([prepared])
         return prepared.state
 
@@ -1020,13 +1027,18 @@ class StateManager:
         """
         source = self.get_state(execution_id, version=version)
         core = self._core
-        new = core.prepare_fork(source, new_execution_id, actor)
-        try:
-            if self._store is None:
+        if self._store is None:
+            new = core.prepare_fork(source, new_execution_id, actor)
+            try:
                 core.publish(new, persisted=False)
                 self._link_fork(execution_id, source.version, new.execution_id, actor)
                 return new.state
-            with self._stripe(execution_id):
+            finally:
+                new.release()  # its ring room, if it was not published
+        # The stripe before the ring room, as in update_state (see create_execution).
+        with self._stripe(execution_id):
+            new = core.prepare_fork(source, new_execution_id, actor)
+            try:
                 if self._durability == "async":
                     self._check_not_stored(new.execution_id)
                     core.publish(new, persisted=False)
@@ -1037,9 +1049,9 @@ class StateManager:
                 # no link.
                 self._commit([new])
                 self._link_fork(execution_id, source.version, new.execution_id, actor)
-            return new.state
-        finally:
-            new.release()  # its ring room, if it was not published
+                return new.state
+            finally:
+                new.release()  # its ring room, if it was not published
 
     def _link_fork(
         self, execution_id: str, forked_version: int, new_execution_id: str, actor: str | None
