@@ -870,6 +870,7 @@ def test_a_creation_or_fork_takes_its_stripe_before_its_ring_room(
         else:  # a fork takes the stripe of its source
             new_id = "g"
             work = functools.partial(manager.fork, "b", new_execution_id=new_id)
+        linked = manager.get_state("b").version + (operation == "fork")
         outcome: list[object] = []
 
         def start() -> None:
@@ -893,6 +894,7 @@ def test_a_creation_or_fork_takes_its_stripe_before_its_ring_room(
         assert outcome[0].execution_id == new_id
         if manager._store is not None:
             assert manager._store.load(new_id) is not None
+        assert manager.get_state("b").version == linked  # a fork's link on its source
         cursor.close()
 
 
@@ -1095,6 +1097,30 @@ def test_each_critical_choice_decides_who_writes(
     caller = threading.current_thread().name
     assert (store.writers[("e", version)] == caller) is synchronous
     check_stored(stores, {"e": manager.get_state("e")})
+
+
+@pytest.mark.parametrize("durability", ["async"], indirect=True)
+@pytest.mark.parametrize(("critical", "synchronous"), [(["all"], True), (["status"], False)])
+def test_a_fork_is_written_by_its_caller_when_every_write_is_critical(
+    stores: Stores, critical: list[str], synchronous: bool
+) -> None:
+    """With ``critical=["all"]`` a fork, like a creation and every update, is
+    written by its caller: the new execution and the link on its source. Otherwise
+    both are left to the write-behind (a fork is neither a status change nor a
+    node's failure)."""
+    manager = stores.manager(flush_interval=SLOW_FLUSH_INTERVAL, critical=critical)
+    store = stores.current
+    manager.create_execution("e", workflow_id="wf")
+    manager.flush()
+    forked = manager.fork("e", new_execution_id="f")
+    if synchronous:  # stored before any flush
+        with stores.direct() as direct:
+            assert direct.current_versions(["e", "f"]) == {"e": 2, "f": 1}
+    manager.flush()
+    caller = threading.current_thread().name
+    assert (store.writers[("f", 1)] == caller) is synchronous
+    assert (store.writers[("e", 2)] == caller) is synchronous
+    check_stored(stores, {"e": manager.get_state("e"), "f": forked})
 
 
 @pytest.mark.parametrize("durability", ["async"], indirect=True)

@@ -244,7 +244,8 @@ class StateManager:
         write (longer while other threads keep the GIL busy: README, "Durability").
         ``flush()`` waits for durability; ``close()`` drains.
         Updates matching ``critical`` ("status", "node_failed", "error", "nodes",
-        "all") are written synchronously even in async mode.
+        "all") are written synchronously even in async mode; with "all", creations
+        and forks too.
 
         Executions that were running or suspended are reloaded (snapshot + deltas);
         ``recover()`` returns them.
@@ -492,14 +493,15 @@ class StateManager:
         Raises ``AlreadyExistsError`` if the id is taken, ``ValidationError`` on bad input.
         """
         core = self._core
-        if self._store is None or (self._durability == "async" and "all" not in self._critical):
+        if self._store is None or self._behind():
             if self._store is not None and execution_id is not None:
                 self._check_not_stored(execution_id)
             return core.create(execution_id, workflow_id, variables, context, actor)
         if execution_id is None:
             execution_id = _core.new_execution_id()
         if not isinstance(execution_id, str):  # the core's ValidationError, nothing kept
-            core.prepare_create(execution_id, workflow_id, variables, context, actor)
+            core.prepare_create(execution_id, workflow_id, variables, context, actor).release()
+            raise ValidationError(f"execution_id must be a str, not {execution_id!r}")
         # The stripe first, then the ring room (the preparation reserves it), as in
         # update_state: a writer holding room never waits for a stripe whose holder
         # waits for room.
@@ -507,6 +509,11 @@ class StateManager:
             prepared = core.prepare_create(execution_id, workflow_id, variables, context, actor)
             self._commit([prepared])
         return prepared.state
+
+    def _behind(self) -> bool:
+        """Whether creations and forks are left to the write-behind: async mode,
+        unless ``critical`` holds "all" (every write is then synchronous)."""
+        return self._durability == "async" and "all" not in self._critical
 
     def _check_not_stored(self, execution_id: str) -> None:
         """Async creations are stored later: refuse an id the store holds already."""
@@ -1039,7 +1046,7 @@ class StateManager:
         with self._stripe(execution_id):
             new = core.prepare_fork(source, new_execution_id, actor)
             try:
-                if self._durability == "async":
+                if self._behind():
                     self._check_not_stored(new.execution_id)
                     core.publish(new, persisted=False)
                     self._link_fork(execution_id, source.version, new.execution_id, actor)
@@ -1061,7 +1068,7 @@ class StateManager:
         for _attempt in range(_REBASE_ATTEMPTS):
             link = core.prepare_fork_link(execution_id, forked_version, new_execution_id, actor)
             try:
-                if self._store is None or self._durability == "async":
+                if self._store is None or self._behind():
                     core.publish(link, persisted=False)
                 else:
                     self._commit([link])
