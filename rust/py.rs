@@ -867,7 +867,7 @@ fn history_filter(
 fn new_id(execution_id: Option<&Bound<'_, PyAny>>) -> Result<Arc<str>, CoreError> {
     Ok(match execution_id.filter(|v| !v.is_none()) {
         Some(id) => Arc::from(id_str(id, "execution_id")?),
-        None => Arc::from(uuid::Uuid::now_v7().to_string()),
+        None => Arc::from(new_execution_id()),
     })
 }
 

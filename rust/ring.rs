@@ -686,14 +686,7 @@ mod tests {
     fn evicts_oldest_without_durable_readers_and_answers_past_versions() {
         let ring = Ring::new(16).unwrap();
         for version in 1..=20 {
-            ring.append(
-                &state("e", version),
-                &None,
-                &one(EventKind::StatusChange),
-                false,
-                None,
-            )
-            .unwrap();
+            append_one(&ring, version, None).unwrap();
         }
         assert!(matches!(ring.state_at("e", 4), VersionLookup::Evicted));
         match ring.state_at("e", 10) {
@@ -723,22 +716,9 @@ mod tests {
         let ring = Ring::new(16).unwrap();
         let cursor = ring.open_cursor(true, false).unwrap();
         for version in 1..=16 {
-            ring.append(
-                &state("e", version),
-                &None,
-                &one(EventKind::StatusChange),
-                false,
-                None,
-            )
-            .unwrap();
+            append_one(&ring, version, None).unwrap();
         }
-        let full = ring.append(
-            &state("e", 17),
-            &None,
-            &one(EventKind::StatusChange),
-            false,
-            None,
-        );
+        let full = append_one(&ring, 17, None);
         assert_eq!(full, Err(CoreError::RingFull { needed: 1 }));
         assert_eq!(ring.stats().len, 16);
         let events = ring.read(cursor, 4, None).unwrap();
@@ -760,14 +740,7 @@ mod tests {
         let ring = Ring::new(16).unwrap();
         let cursor = ring.open_cursor(false, false).unwrap();
         for version in 1..=40 {
-            ring.append(
-                &state("e", version),
-                &None,
-                &one(EventKind::StatusChange),
-                false,
-                None,
-            )
-            .unwrap();
+            append_one(&ring, version, None).unwrap();
         }
         let events = ring.read(cursor, 100, None).unwrap();
         assert_eq!(events.len(), 16);
@@ -780,14 +753,7 @@ mod tests {
         let ring = Arc::new(Ring::new(16).unwrap());
         let cursor = ring.open_cursor(true, false).unwrap();
         for version in 1..=16 {
-            ring.append(
-                &state("e", version),
-                &None,
-                &one(EventKind::StatusChange),
-                false,
-                None,
-            )
-            .unwrap();
+            append_one(&ring, version, None).unwrap();
         }
         let reader = {
             let ring = ring.clone();

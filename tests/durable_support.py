@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wfstate import StateUpdate, VersionRecord, WorkflowState, _core
+from wfstate import StateManager, StateUpdate, VersionRecord, WorkflowState, _core
 from wfstate.store import Store
 
 #: A story touching every kind of change the core records, valid in this order from a
@@ -108,3 +108,18 @@ def comparable_events(events: Sequence[Any]) -> list[dict[str, Any]]:
         as_dict.pop("seq")
         result.append(as_dict)
     return result
+
+
+def three_on_a_ring(source: StateManager) -> _core.EventCursor:
+    """A durable cursor on ``source``'s ring, which then gets 303 versions: e-0..e-2
+    created, 100 updates each of e-0 and e-1, alternating, then 100 of e-2 (the
+    native writers' step tests)."""
+    cursor = source._core.open_cursor(durable=True)
+    for index in range(3):
+        source.create_execution(f"e-{index}", workflow_id="w", variables={"n": 0})
+    for n in range(1, 101):
+        for index in (0, 1):
+            source.update_state(f"e-{index}", {"variables": {"n": n}})
+    for n in range(1, 101):
+        source.update_state("e-2", {"variables": {"n": n}})
+    return cursor

@@ -25,6 +25,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from durable_support import three_on_a_ring
 from wfstate import AlreadyExistsError, ConflictError, StateManager, StoreUnavailableError, _core
 from wfstate._durable import SnapshotPolicy, snapshot_tracker
 from wfstate.store.base import PendingWrite
@@ -163,18 +164,11 @@ class FirstStep(NamedTuple):
 
 @contextlib.contextmanager
 def first_step_of_three(url: str) -> Iterator[FirstStep]:
-    """A durable cursor on a memory-only manager's ring holding 303 versions (e-0..e-2
-    created, 100 updates each of e-0 and e-1, alternating, then 100 of e-2), and a
+    """A durable cursor on a memory-only manager's ring of 303 versions
+    (``three_on_a_ring``), and a
     store at ``url`` that one native step of 50 versions has written."""
     with StateManager() as source:
-        cursor = source._core.open_cursor(durable=True)
-        for index in range(3):
-            source.create_execution(f"e-{index}", workflow_id="w", variables={"n": 0})
-        for n in range(1, 101):
-            for index in (0, 1):
-                source.update_state(f"e-{index}", {"variables": {"n": n}})
-        for n in range(1, 101):
-            source.update_state("e-2", {"variables": {"n": n}})
+        cursor = three_on_a_ring(source)
         store = open_native(url)
         try:
             tracker = snapshot_tracker(SnapshotPolicy())

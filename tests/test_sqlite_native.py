@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from durable_support import three_on_a_ring
 from wfstate import (
     ClosedError,
     ConflictError,
@@ -418,18 +419,11 @@ class FirstStep(NamedTuple):
 
 @contextlib.contextmanager
 def first_step_of_three(path: Path) -> Iterator[FirstStep]:
-    """A durable cursor on a memory-only manager's ring holding 303 versions (e-0..e-2
-    created, 100 updates each of e-0 and e-1, alternating, then 100 of e-2), and a
+    """A durable cursor on a memory-only manager's ring of 303 versions
+    (``three_on_a_ring``), and a
     store at ``path`` that one fused step of 50 versions has written."""
     with StateManager() as source:
-        cursor = source._core.open_cursor(durable=True)
-        for index in range(3):
-            source.create_execution(f"e-{index}", workflow_id="w", variables={"n": 0})
-        for n in range(1, 101):
-            for index in (0, 1):
-                source.update_state(f"e-{index}", {"variables": {"n": n}})
-        for n in range(1, 101):
-            source.update_state("e-2", {"variables": {"n": n}})
+        cursor = three_on_a_ring(source)
         store = SQLiteStore(str(path), display="test")
         try:
             tracker = snapshot_tracker(SnapshotPolicy())

@@ -383,26 +383,26 @@ def _reason(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-#: The parameters of the one-version write statement, in ``$n`` order, with their
-#: type OIDs and whether they travel in binary (bytea) or text format.
-_FAST_PARAMETERS: tuple[tuple[str, int, int], ...] = (
-    ("id", 25, 0),
-    ("base", 20, 0),
-    ("version", 20, 0),
-    ("status", 25, 0),
-    ("updated", 20, 0),
-    ("actor", 25, 0),
-    ("mask", 20, 0),
-    ("nodes", 1009, 0),
-    ("data", 17, 1),
-    ("lease_owner", 25, 0),
-    ("lease_token", 20, 0),
-    ("snapshot", 17, 1),
-    ("workflow", 25, 0),
-    ("created", 20, 0),
-    ("forked_id", 25, 0),
-    ("forked_version", 20, 0),
-)
+#: The parameters of the one-version write statement: type OID, and whether each
+#: travels in binary (bytea) or text format (by name; ``_numbered`` gives their order).
+_FAST_PARAMETERS: dict[str, tuple[int, int]] = {
+    "id": (25, 0),
+    "base": (20, 0),
+    "version": (20, 0),
+    "status": (25, 0),
+    "updated": (20, 0),
+    "actor": (25, 0),
+    "mask": (20, 0),
+    "nodes": (1009, 0),
+    "data": (17, 1),
+    "lease_owner": (25, 0),
+    "lease_token": (20, 0),
+    "snapshot": (17, 1),
+    "workflow": (25, 0),
+    "created": (20, 0),
+    "forked_id": (25, 0),
+    "forked_version": (20, 0),
+}
 _INT8 = struct.Struct("!q")
 
 
@@ -432,6 +432,20 @@ def _fast_rows(result: pq.abc.PGresult) -> list[tuple[Any, ...]]:
 
 #: A named parameter in a composed statement's text.
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+def _numbered(text: str) -> tuple[str, list[str]]:
+    """A composed statement's text with its ``%(name)s`` placeholders as libpq's
+    ``$n`` (numbered in order of first appearance), and the names in ``$n`` order:
+    for the statements this store prepares or sends through libpq itself."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    return _PLACEHOLDER.sub(number, text), names
 
 
 def _array_oid(name: str) -> int:
@@ -737,14 +751,7 @@ class PostgresStore(GroupedByManager):
             if not (updates or creations):
                 continue
             shape = _WriteShape(False, updates, creations, snapshots, copied_deltas=copied)
-            names: list[str] = []
-
-            def number(match: re.Match[str], names: list[str] = names) -> str:
-                if match[1] not in names:
-                    names.append(match[1])
-                return f"${names.index(match[1]) + 1}"
-
-            text = _PLACEHOLDER.sub(number, self._write_statement(shape).as_string(conn))
+            text, names = _numbered(self._write_statement(shape).as_string(conn))
             statements[key] = (text, [(name, _array_oid(name)) for name in names])
         try:
             return _core.PgWriter(
@@ -938,10 +945,10 @@ class PostgresStore(GroupedByManager):
         pgconn = conn.pgconn
         name = b"wfstate_write_%d%d" % (shape.creations, shape.snapshots)
         if name not in self._fast_prepared:
-            text = self._statement(shape, conn, lambda: self._write_statement(shape)).decode()
-            used = [entry for entry in _FAST_PARAMETERS if f"%({entry[0]})s" in text]
-            for position, (parameter, _, _) in enumerate(used, start=1):
-                text = text.replace(f"%({parameter})s", f"${position}")
+            text, names = _numbered(
+                self._statement(shape, conn, lambda: self._write_statement(shape)).decode()
+            )
+            used = [(parameter, *_FAST_PARAMETERS[parameter]) for parameter in names]
             try:
                 prepared = pgconn.prepare(name, text.encode(), [oid for _, oid, _ in used])
             except MemoryError as e:  # libpq returned no result: the connection is gone
